@@ -1,0 +1,28 @@
+"""Shared test data: one small faulty seed-layout dataset and its shards, made once per session."""
+
+import pytest
+
+from pipeline import synthetic
+
+# 2 zips x 2 backgrounds x 3 foregrounds x 2 placements = 24 samples, 3 of them faulty.
+SEED_DATASET = dict(zips=2, bgs_per_zip=2, fg=3, placements=2, seed=0, image_size=64,
+                    depth="mixed", faults=True)
+# 0.25 of 4 backgrounds holds out exactly one background for validation.
+SHARD_OPTIONS = dict(val_fraction=0.25, seed=0, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def seed_dataset(tmp_path_factory):
+    """(dataset path, generate()'s summary) of a tiny faulty dataset with mixed depth maps."""
+    path = tmp_path_factory.mktemp("seed") / "dataset"
+    return path, synthetic.generate(path, **SEED_DATASET)
+
+
+@pytest.fixture(scope="session")
+def shard_dir(seed_dataset, tmp_path_factory):
+    """The seed_dataset converted to shards (batch-1..2.tar, val-1.tar, manifest.json)."""
+    import convert_zips
+
+    out = tmp_path_factory.mktemp("shards")
+    convert_zips.convert(seed_dataset[0], out, **SHARD_OPTIONS)
+    return out
