@@ -1,0 +1,16 @@
+"""The network, its losses and its metrics."""
+
+from .losses import LossWeights, total_loss
+from .metrics import SegDepthMetrics
+from .unet import UNet, UNetConfig, check_image_size, count_parameters, to_input
+
+__all__ = [
+    "LossWeights",
+    "SegDepthMetrics",
+    "UNet",
+    "UNetConfig",
+    "check_image_size",
+    "count_parameters",
+    "to_input",
+    "total_loss",
+]

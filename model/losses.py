@@ -1,0 +1,72 @@
+"""Training losses: BCE + Dice for the mask, L1 + SSIM + image-gradient for the depth map."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """How much each term adds to the total loss (0 switches a term off)."""
+
+    bce: float = 1.0
+    dice: float = 1.0
+    l1: float = 1.0
+    ssim: float = 1.0
+    grad: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per image, averaged; `eps` keeps an empty mask + empty prediction at 0."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    overlap = (prob * target).sum(1)
+    total = prob.sum(1) + target.sum(1)
+    return (1 - (2 * overlap + eps) / (total + eps)).mean()
+
+
+def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(1 - SSIM) / 2 over 3x3 windows (the monodepth form), for images in 0..1."""
+    c1, c2 = 0.01**2, 0.03**2
+    pred, target = F.pad(pred, (1, 1, 1, 1), mode="reflect"), F.pad(target, (1, 1, 1, 1), mode="reflect")
+    mu_p, mu_t = F.avg_pool2d(pred, 3, 1), F.avg_pool2d(target, 3, 1)
+    var_p = F.avg_pool2d(pred * pred, 3, 1) - mu_p**2
+    var_t = F.avg_pool2d(target * target, 3, 1) - mu_t**2
+    cov = F.avg_pool2d(pred * target, 3, 1) - mu_p * mu_t
+    ssim = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return ((1 - ssim) / 2).clamp(0, 1).mean()
+
+
+def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical finite differences: keeps depth edges sharp."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(pred), dx(target)) + F.l1_loss(dy(pred), dy(target))
+
+
+def total_loss(
+    mask_logits: torch.Tensor,
+    depth: torch.Tensor,
+    mask_target: torch.Tensor,
+    depth_target: torch.Tensor,
+    weights: LossWeights = LossWeights(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of all terms and each term (detached) for logging.
+
+    Targets are floats: mask 0/1 and depth 0..1, shaped like the predictions. Computed in
+    float32 even under autocast, so bf16 rounding cannot swamp small terms.
+    """
+    mask_logits, depth = mask_logits.float(), depth.float()
+    terms = {
+        "bce": F.binary_cross_entropy_with_logits(mask_logits, mask_target),
+        "dice": dice_loss(mask_logits, mask_target),
+        "l1": F.l1_loss(depth, depth_target),
+        "ssim": ssim_loss(depth, depth_target),
+        "grad": gradient_loss(depth, depth_target),
+    }
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,83 @@
+"""The network's shapes and size limits, the loss terms and the metric accumulators."""
+
+import pytest
+import torch
+
+from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, to_input, total_loss
+from model.losses import gradient_loss, ssim_loss
+
+
+def test_default_model_is_no_larger_than_the_original():
+    assert count_parameters(UNet()) <= 12_400_000
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 96)])
+def test_outputs_match_input_size_with_depth_in_unit_range(size):
+    model = UNet(UNetConfig(width=4)).eval()
+    logits, depth = model(torch.randn(2, 6, *size))
+    assert logits.shape == depth.shape == (2, 1, *size)
+    assert depth.min() >= 0 and depth.max() <= 1
+
+
+def test_size_not_divisible_by_32_is_refused_by_name():
+    with pytest.raises(ValueError, match="image size 70"):
+        UNet(UNetConfig(width=4))(torch.randn(1, 6, 70, 64))
+
+
+def test_to_input_normalises_both_images_into_six_channels():
+    bgfg = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    bg = torch.zeros((1, 3, 4, 4), dtype=torch.uint8)
+    x = to_input(bgfg, bg)
+    assert x.shape == (1, 6, 4, 4)
+    assert (x[:, :3] > 2).all() and (x[:, 3:] < -1.5).all()
+
+
+def test_every_loss_term_is_zero_for_a_perfect_prediction_and_positive_otherwise():
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    depth = torch.rand(2, 1, 32, 32)
+    _, perfect = total_loss(mask * 40 - 20, depth, mask, depth)
+    _, wrong = total_loss(20 - mask * 40, 1 - depth, mask, depth)
+    for name in ("bce", "dice", "l1", "ssim", "grad"):
+        assert perfect[name] < 1e-3, name
+        assert wrong[name] > 0.05, name
+
+
+def test_loss_weights_scale_their_terms():
+    mask = (torch.rand(1, 1, 32, 32) > 0.5).float()
+    depth, pred = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    only_l1, terms = total_loss(torch.zeros_like(mask), pred, mask, depth, LossWeights(0, 0, 3, 0, 0))
+    assert torch.isclose(only_l1, 3 * terms["l1"])
+
+
+def test_ssim_and_gradient_see_structure_that_l1_misses():
+    flat = torch.full((1, 1, 32, 32), 0.5)
+    stripes = flat.clone()
+    stripes[..., ::2] += 0.1
+    stripes[..., 1::2] -= 0.1
+    assert ssim_loss(flat, stripes) > 0.1
+    assert gradient_loss(flat, stripes) > 0.1
+
+
+def test_metrics_count_pixels_across_batches_and_skip_zero_depth_in_ratios():
+    metrics = SegDepthMetrics()
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])  # 1 hit, 1 miss, 1 false alarm
+    depth = torch.tensor([[[[0.0, 0.5], [0.5, 1.0]]]])
+    pred = torch.tensor([[[[0.3, 0.5], [1.0, 1.0]]]])  # true 0 must not divide
+    metrics.update(logits, pred, mask, depth)
+    metrics.update(mask * 10 - 5, depth, mask, depth)  # a perfect second batch
+    result = metrics.compute()
+    assert result["iou"] == pytest.approx(3 / 5)  # (1 + 2) / (3 + 2)
+    assert result["dice"] == pytest.approx(2 * 3 / (2 + 2 + 2 + 2))
+    assert result["rmse"] == pytest.approx(((0.09 + 0.25) / 8) ** 0.5)
+    assert result["abs_rel"] == pytest.approx(1.0 / 6)  # only |1.0-0.5|/0.5 is off, of 6 valid pixels
+    assert result["delta1"] == pytest.approx(5 / 6)
+
+
+def test_metrics_all_reduce_without_a_process_group_keeps_the_sums():
+    metrics = SegDepthMetrics()
+    mask = torch.ones(1, 1, 4, 4)
+    metrics.update(mask * 5, mask * 0.5, mask, mask * 0.5)
+    before = metrics.compute()
+    metrics.all_reduce()
+    assert metrics.compute() == before == {"iou": 1.0, "dice": 1.0, "rmse": 0.0, "abs_rel": 0.0, "delta1": 1.0}
