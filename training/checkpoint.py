@@ -1,0 +1,72 @@
+"""Checkpoints: one dict with everything needed to predict and to resume exactly.
+
+Written atomically (temporary file in the same folder, then os.replace), so a crash while
+saving leaves the previous checkpoint intact, never a truncated one.
+"""
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import UNet, UNetConfig
+
+from . import UserError
+
+FORMAT = "bgfg-unet-checkpoint/1"  # tells our checkpoints apart from any other .pt file
+
+
+def rng_states() -> dict:
+    """The state of every random generator a run may draw from."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(path: Path, state: dict) -> None:
+    """Write `state` (plus the format tag) to `path` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path | str, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save`; a missing or foreign file raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        # Our checkpoints hold argparse values, numpy RNG state etc., not just tensors.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged or non-torch file
+        raise UserError(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}".splitlines()[0]) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    return state
+
+
+def model_from_checkpoint(state: dict) -> UNet:
+    """Rebuild the network a checkpoint was trained with and load its weights."""
+    model = UNet(UNetConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
+    """Refuse to resume a run with a checkpoint made for a different network."""
+    if state["model_config"] != config.to_dict():
+        raise UserError(
+            f"checkpoint {path} was made for model {state['model_config']}, "
+            f"this run builds {config.to_dict()} (pass the same --width, or another --out)"
+        )

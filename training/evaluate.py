@@ -1,0 +1,54 @@
+"""Batches to device tensors, and one validation pass (shared by train.py and bench/)."""
+
+import torch
+
+from model import LossWeights, SegDepthMetrics, to_input, total_loss
+from pipeline import make_loader
+
+from .distributed import all_sum
+
+
+def prepare_batch(batch: dict, device: torch.device, channels_last: bool = False):
+    """uint8 loader batch -> (network input, mask target 0/1, depth target 0..1) on `device`.
+
+    The conversion to float happens after the copy, so only bytes cross the bus.
+    """
+    move = lambda name: batch[name].to(device, non_blocking=True)  # noqa: E731
+    x = to_input(move("bgfg"), move("bg"))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, move("mask").float(), move("depth").float().div_(255)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels_last=False,
+             weights: LossWeights = LossWeights(), previews: int = 0):
+    """Score `model` on every sample of `urls` (split across ranks, sums all-reduced).
+
+    Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, samples; preview
+    tensors (bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
+    """
+    was_training = model.training
+    model.eval()
+    metrics = SegDepthMetrics(device)
+    loss_sum, count, preview = 0.0, 0, None
+    for batch in make_loader(urls, train=False, epoch=0, **loader_args):
+        x, mask, depth = prepare_batch(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits, depth_pred = model(x)
+        loss, _ = total_loss(logits, depth_pred, mask, depth, weights)
+        size = x.shape[0]
+        loss_sum, count = loss_sum + loss.item() * size, count + size
+        metrics.update(logits, depth_pred, mask, depth)
+        if previews and preview is None:
+            preview = (batch["bgfg"][:previews], mask[:previews], logits[:previews].float(),
+                       depth[:previews], depth_pred[:previews].float())
+    model.train(was_training)
+    metrics.all_reduce()
+    loss_sum, count = all_sum([loss_sum, count], device)
+    result = {"loss": loss_sum / count if count else float("nan"), **metrics.compute(), "samples": int(count)}
+    return result, preview

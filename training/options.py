@@ -1,0 +1,115 @@
+"""train.py's command line, grouped by topic, and the checks that need no data."""
+
+import argparse
+import json
+import os
+
+from model import UNetConfig, check_image_size
+
+from . import UserError
+
+
+def storage_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE is read as JSON when it parses (true, 3, {...}), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the mask + depth U-Net on WebDataset shards streamed by pipeline.make_loader.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--shards", required=True, help="training shards: brace pattern, glob, list or fsspec URL")
+    data.add_argument("--val-shards", help="validation shards (default: the val-*.tar beside --shards, if any)")
+    data.add_argument("--no-val", action="store_true", help="do not validate even if val shards exist")
+    data.add_argument("--batch-size", type=_positive(int), default=32, help="samples per batch on each rank")
+    data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
+    data.add_argument("--image-size", type=_positive(int), default=224, help="square training size (multiple of 32)")
+    data.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        type=storage_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for remote shards, repeatable; VALUE may be JSON, "
+        'e.g. anon=true or client_kwargs=\'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
+
+    model = parser.add_argument_group("model and loss")
+    model.add_argument("--width", type=_positive(int), default=UNetConfig.width, help="U-Net base channels")
+    for term, default in (("bce", 1.0), ("dice", 1.0), ("l1", 1.0), ("ssim", 1.0), ("grad", 1.0)):
+        model.add_argument(f"--w-{term}", type=float, default=default, help=f"weight of the {term} loss term")
+
+    schedule = parser.add_argument_group("schedule")
+    length = schedule.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive(int), help="optimizer steps in total (counting resumed ones)")
+    length.add_argument("--epochs", type=_positive(int), help="passes over the training shards (default 5)")
+    schedule.add_argument("--minutes", type=_positive(float), help="also stop after this much wall time")
+    schedule.add_argument("--lr", type=_positive(float), default=1e-3, help="peak AdamW learning rate")
+    schedule.add_argument("--weight-decay", type=float, default=1e-4)
+    schedule.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the schedule, <= 1000)")
+    schedule.add_argument(
+        "--schedule-steps",
+        type=_positive(int),
+        help="length of the warmup + cosine schedule (default: the run's total steps); "
+        "set it when you plan to stop early and resume with a larger --steps",
+    )
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    system.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast dtype: auto = bf16 on CUDA, off on the CPU",
+    )
+    system.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="runs/latest", help="run folder (checkpoints, metrics, previews)")
+    output.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    output.add_argument("--val-every", type=_positive(int), default=1000, help="validate every N steps (and at the end)")
+    output.add_argument("--save-every", type=_positive(int), default=1000, help="write OUT/last.pt every N steps")
+    output.add_argument("--log-every", type=_positive(int), default=20, help="metrics.jsonl line every N steps")
+    output.add_argument("--previews", type=int, default=4, help="validation samples per preview PNG")
+    output.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check what can be checked before touching data or devices."""
+    args = build_parser().parse_args(argv)
+    args.storage_options = dict(args.storage_options) or None
+    try:
+        check_image_size(args.image_size, UNetConfig(width=args.width))
+    except ValueError as err:
+        raise UserError(f"--image-size: {err}") from None
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+    if args.steps is None and args.epochs is None:
+        args.epochs = 5
+    return args
