@@ -1,0 +1,142 @@
+"""Index a seed-layout dataset without extracting it, and read zip members by their offsets.
+
+Each zip's central directory is read once; composite, mask and depth are paired by key (never
+by position). The writers then read members with two positioned reads on one descriptor per
+zip and process, which is cheaper than zipfile's per-member file objects and safe to share
+between forked workers (no shared file position).
+"""
+
+import os
+import posixpath
+import struct
+import zipfile
+import zlib
+from typing import NamedTuple
+
+from pipeline import schema
+
+# Shard member fed by each zip folder (bg_fg_1 -> bgfg.jpg), following schema.SEED_FOLDERS.
+MEMBER_OF_FOLDER = {folder: next(m for m in schema.IMAGE_MEMBERS if m.split(".", 1)[0] == role)
+                    for role, folder in schema.SEED_FOLDERS.items()}
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
+class ConvertError(Exception):
+    """A user-facing, one-line problem with the input or output (no traceback wanted)."""
+
+
+class ZipMember(NamedTuple):
+    name: str
+    header_offset: int
+    compress_size: int
+    file_size: int
+    crc: int
+    method: int
+
+
+class Sample(NamedTuple):
+    key: str
+    zip_index: int
+    bg_id: int
+    members: tuple  # ZipMember per zip folder, in schema.SEED_FOLDERS order
+
+
+class DatasetIndex(NamedTuple):
+    zips: list  # [(name, path, bytes)] in numeric batch order
+    bg_sizes: dict  # background id -> bytes of bg/{id}_bg.jpg
+    samples: list  # complete Samples, sorted by key
+    skipped: list  # [{"key", "zip", "reason"}] sorted by key, zip
+
+
+def list_zips(dataset: str) -> list:
+    """[(name, path, bytes)] of DATASET/zipFiles/batch_*.zip in numeric order."""
+    if not os.path.isdir(dataset):
+        raise ConvertError(f"dataset folder not found: {dataset}")
+    zip_dir = os.path.join(dataset, schema.ZIP_DIR)
+    names = os.listdir(zip_dir) if os.path.isdir(zip_dir) else []
+    matches = sorted((int(m.group(1)), n) for n in names if (m := schema.ZIP_PATTERN.match(n)))
+    if not matches:
+        raise ConvertError(f"no {schema.ZIP_DIR}/batch_*.zip files in {dataset}")
+    paths = [os.path.join(zip_dir, name) for _, name in matches]
+    return [(name, path, os.path.getsize(path)) for (_, name), path in zip(matches, paths)]
+
+
+def _background_sizes(dataset: str, bg_ids) -> dict:
+    """Background id -> size in bytes of bg/{id}_bg.jpg, for those of bg_ids that exist."""
+    bg_dir = os.path.join(dataset, schema.BG_DIR)
+    present = set(os.listdir(bg_dir))
+    return {bg_id: os.path.getsize(os.path.join(bg_dir, schema.bg_name(bg_id)))
+            for bg_id in bg_ids if schema.bg_name(bg_id) in present}
+
+
+def _zip_entries(name: str, path: str) -> dict:
+    """{key: {folder: ZipMember}} of one zip's image members; a key twice in a folder is an error."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ConvertError(f"unreadable or corrupt zip {path}: {error}") from None
+    entries = {}
+    for info in infos:
+        folder = posixpath.basename(posixpath.dirname(info.filename))
+        if info.is_dir() or folder not in MEMBER_OF_FOLDER:
+            continue
+        if info.compress_type not in _READABLE_METHODS or info.flag_bits & 0x1:
+            raise ConvertError(f"{path}: {info.filename} is encrypted or uses an unsupported compression method")
+        key = schema.key_of(info.filename)
+        by_folder = entries.setdefault(key, {})
+        if folder in by_folder:
+            raise ConvertError(f"duplicate key {key} in {name} and {name} "
+                               f"({by_folder[folder].name} and {info.filename})")
+        by_folder[folder] = ZipMember(info.filename, info.header_offset, info.compress_size,
+                                      info.file_size, info.CRC, info.compress_type)
+    return entries
+
+
+def index_dataset(dataset: str) -> DatasetIndex:
+    """Pair every zip's composites, masks and depth maps by key; set incomplete samples aside."""
+    zips = list_zips(dataset)
+    if not os.path.isdir(os.path.join(dataset, schema.BG_DIR)):
+        raise ConvertError(f"background folder not found: {os.path.join(dataset, schema.BG_DIR)}")
+    paired, skipped, zip_of_key = [], [], {}
+    for zip_index, (name, path, _) in enumerate(zips):
+        for key, by_folder in _zip_entries(name, path).items():
+            if key in zip_of_key:
+                raise ConvertError(f"duplicate key {key} in {zip_of_key[key]} and {name}")
+            zip_of_key[key] = name
+            try:
+                paired.append((key, zip_index, schema.background_id(key), by_folder))
+            except ValueError:
+                skipped.append({"key": key, "zip": name, "reason": "name not in the {bg}_bg_{k}_fg form"})
+    bg_sizes = _background_sizes(dataset, {bg_id for _, _, bg_id, _ in paired})
+    samples = []
+    for key, zip_index, bg_id, by_folder in paired:
+        missing = [folder for folder in schema.SEED_FOLDERS.values() if folder not in by_folder]
+        if bg_id not in bg_sizes:
+            missing.append(f"{schema.BG_DIR}/{schema.bg_name(bg_id)}")
+        if missing:
+            skipped.append({"key": key, "zip": zips[zip_index][0], "reason": "missing " + ", ".join(missing)})
+        else:
+            members = tuple(by_folder[folder] for folder in schema.SEED_FOLDERS.values())
+            samples.append(Sample(key, zip_index, bg_id, members))
+    samples.sort(key=lambda sample: sample.key)
+    skipped.sort(key=lambda entry: (entry["key"], entry["zip"]))
+    return DatasetIndex(zips, bg_sizes, samples, skipped)
+
+
+def read_member(fd: int, member: ZipMember, zip_path: str) -> bytes:
+    """The uncompressed bytes of one member, checked against its size and CRC."""
+    head = os.pread(fd, _LOCAL_HEADER.size, member.header_offset)
+    if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+        raise ConvertError(f"corrupt zip {zip_path}: no local header for {member.name}")
+    _, name_length, extra_length = _LOCAL_HEADER.unpack(head)
+    start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    raw = os.pread(fd, member.compress_size, start)
+    try:
+        data = zlib.decompress(raw, -15) if member.method == zipfile.ZIP_DEFLATED else raw
+    except zlib.error as error:
+        raise ConvertError(f"corrupt zip {zip_path}: {member.name}: {error}") from None
+    if len(data) != member.file_size or zlib.crc32(data) != member.crc:
+        raise ConvertError(f"corrupt zip {zip_path}: {member.name} fails its size or CRC check")
+    return data
