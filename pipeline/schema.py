@@ -82,6 +82,7 @@ def shard_name(prefix: str, index: int) -> str:
     """Shard file names count from 1: batch-1.tar ... batch-N.tar, val-1.tar ..."""
     return f"{prefix}-{index}.tar"
 
+
 # Manifest "split" of each shard (batch-*.tar -> train, val-*.tar -> val).
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"

@@ -19,6 +19,12 @@ def seed_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shard_options():
+    """The convert_zips.convert keyword arguments shard_dir was made with (copy before changing)."""
+    return dict(SHARD_OPTIONS)
+
+
+@pytest.fixture(scope="session")
 def shard_dir(seed_dataset, tmp_path_factory):
     """The seed_dataset converted to shards (batch-1..2.tar, val-1.tar, manifest.json)."""
     import convert_zips
