@@ -1,0 +1,148 @@
+"""pipeline.synthetic keeps the seed layout, its quirks, and makes images a model can learn from."""
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import schema, synthetic
+
+
+def _zip(dataset, name):
+    return zipfile.ZipFile(os.path.join(dataset, schema.ZIP_DIR, name))
+
+
+def _decode(data: bytes, mode: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert(mode), np.int16)
+
+
+def test_layout_names_and_labels(seed_dataset):
+    dataset, summary = seed_dataset
+    bg_count = sum(len(z["bg_ids"]) for z in summary["zips"])
+    assert sorted(os.listdir(os.path.join(dataset, schema.BG_DIR))) == sorted(
+        schema.bg_name(i) for i in range(1, bg_count + 1))
+    fg_count = len(os.listdir(os.path.join(dataset, schema.FG_DIR)))
+    assert sorted(os.listdir(os.path.join(dataset, schema.FG_MASK_DIR))) == sorted(
+        schema.fg_mask_name(j) for j in range(1, fg_count + 1))
+    per_bg = len(summary["zips"][0]["keys"]) // len(summary["zips"][0]["bg_ids"])
+    for batch, entry in enumerate(summary["zips"], 1):
+        assert entry["name"] == schema.zip_name(batch)
+        assert entry["bg_ids"] == list(range((batch - 1) * len(entry["bg_ids"]) + 1, batch * len(entry["bg_ids"]) + 1))
+        assert entry["keys"] == [schema.seed_key(i, k) for i in entry["bg_ids"] for k in range(1, per_bg + 1)]
+        with _zip(dataset, entry["name"]) as archive:
+            names = archive.namelist()
+            assert all(archive.getinfo(n).compress_type == zipfile.ZIP_DEFLATED for n in names if not n.endswith("/"))
+            labels = archive.read(schema.LABELS).decode().split()
+        for folder in schema.SEED_FOLDERS.values():
+            assert folder + "/" in names
+        composites = [os.path.basename(n) for n in names if n.startswith(schema.COMPOSITE_DIR + "/") and n[-1] != "/"]
+        assert labels == sorted(composites)
+        assert sorted(schema.key_of(n) for n in composites) == sorted(entry["keys"])
+
+
+def test_members_are_interleaved_and_depth_comes_later_in_another_order(seed_dataset):
+    dataset, summary = seed_dataset
+    for entry in summary["zips"]:
+        with _zip(dataset, entry["name"]) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/") and n != schema.LABELS]
+        folders = [os.path.dirname(n) for n in names]
+        depth_start = folders.index(schema.DEPTH_DIR)
+        assert set(folders[depth_start:]) == {schema.DEPTH_DIR}
+        pairs = [(os.path.dirname(a), os.path.dirname(b), a == b.replace(schema.COMPOSITE_DIR, schema.MASK_DIR, 1))
+                 for a, b in zip(names[:depth_start:2], names[1:depth_start:2])]
+        assert set(pairs) == {(schema.MASK_DIR, schema.COMPOSITE_DIR, True)}  # mask written before composite
+        composite_order = [schema.key_of(n) for n in names[1:depth_start:2]]
+        depth_order = [schema.key_of(n) for n in names[depth_start:]]
+        assert depth_order != [k for k in composite_order if k in depth_order]
+
+
+def test_faults_are_injected_and_reported(seed_dataset):
+    dataset, summary = seed_dataset
+    faults = summary["faults"]
+    assert all(len(keys) == 1 for keys in faults.values())
+    assert len({keys[0] for keys in faults.values()}) == 3
+    names = {}
+    for entry in summary["zips"]:
+        with _zip(dataset, entry["name"]) as archive:
+            names.update((n, entry["name"]) for n in archive.namelist())
+            for name in archive.namelist():
+                if schema.key_of(name) == faults["truncated"][0] and name.startswith(schema.COMPOSITE_DIR):
+                    with pytest.raises(OSError):
+                        Image.open(io.BytesIO(archive.read(name))).load()
+    missing = faults["missing_depth"][0]
+    assert not any(schema.key_of(n) == missing and n.startswith(schema.DEPTH_DIR) for n in names)
+    double = faults["double_ext"][0]
+    for folder in schema.SEED_FOLDERS.values():
+        assert f"{folder}/{double}.jpg.jpg" in names
+
+
+def _placement(dataset, summary, key):
+    """(bg, composite, mask, depth) arrays of one sample; depth made full-size grayscale."""
+    entry = next(z for z in summary["zips"] if key in z["keys"])
+    with _zip(dataset, entry["name"]) as archive:
+        def member(folder):
+            return next(archive.read(n) for n in archive.namelist()
+                        if n.startswith(folder + "/") and schema.key_of(n) == key)
+        composite, mask = _decode(member(schema.COMPOSITE_DIR), "RGB"), _decode(member(schema.MASK_DIR), "L") > 127
+        depth_image = Image.open(io.BytesIO(member(schema.DEPTH_DIR)))
+    depth = np.asarray(depth_image.convert("L").resize(mask.shape[::-1], Image.BILINEAR), np.int16)
+    with open(os.path.join(dataset, schema.BG_DIR, schema.bg_name(schema.background_id(key))), "rb") as f:
+        bg = _decode(f.read(), "RGB")
+    return bg, composite, mask, depth, depth_image
+
+
+def _ring(mask: np.ndarray, width: int) -> np.ndarray:
+    grown = mask.copy()
+    for axis in (0, 1):
+        for shift in range(1, width + 1):
+            grown |= np.roll(mask, shift, axis) | np.roll(mask, -shift, axis)
+    return grown & ~mask
+
+
+def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_its_background(seed_dataset):
+    dataset, summary = seed_dataset
+    faulty = {key for keys in summary["faults"].values() for key in keys}
+    kinds = set()
+    for key in (k for z in summary["zips"] for k in z["keys"] if k not in faulty):
+        bg, composite, mask, depth, depth_image = _placement(dataset, summary, key)
+        kinds.add((depth_image.mode, depth_image.size == mask.shape[::-1]))
+        assert 20 < mask.sum() < mask.size / 2
+        outside = ~mask & ~_ring(mask, 3)  # away from the edge JPEG smears across
+        assert np.abs(composite - bg)[outside].mean() < 6
+        assert np.abs(composite - bg)[mask].mean() > 3 * np.abs(composite - bg)[outside].mean()
+        assert np.median(depth[mask]) + 15 < np.median(depth[_ring(mask, 4)]), key
+    assert kinds == {("L", True), ("RGB", True), ("L", False)}  # "mixed": gray, colour, half size
+
+
+def test_colour_depth_is_monotonic_in_luma():
+    lut = np.array(synthetic._COLORMAP, np.float64).reshape(3, 256)
+    luma = 0.299 * lut[0] + 0.587 * lut[1] + 0.114 * lut[2]
+    assert np.all(np.diff(luma) > 0) and np.abs(luma - np.arange(256)).max() <= 1
+    assert np.abs(lut[0] - lut[2]).max() > 20  # really coloured, not gray
+
+
+def test_same_arguments_give_identical_files_with_any_workers(tmp_path):
+    options = dict(zips=2, bgs_per_zip=1, fg=2, placements=1, seed=3, image_size=32, depth="color", faults=True)
+    one = synthetic.generate(tmp_path / "a", workers=1, **options)
+    two = synthetic.generate(tmp_path / "b", workers=2, **options)
+    assert one["faults"] == two["faults"]
+    for root, _, files in os.walk(tmp_path / "a"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as a, \
+                    open(os.path.join(tmp_path / "b", os.path.relpath(root, tmp_path / "a"), name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
+def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert synthetic.main(["--out", str(out), "--zips", "1", "--bgs-per-zip", "1", "--fg", "1",
+                           "--placements", "2", "--image-size", "32", "--depth", "half", "--workers", "1"]) == 0
+    with _zip(out, schema.zip_name(1)) as archive:
+        depth = [n for n in archive.namelist() if n.startswith(schema.DEPTH_DIR + "/") and n[-1] != "/"]
+        assert len(depth) == 2 and Image.open(io.BytesIO(archive.read(depth[0]))).size == (16, 16)
+    assert synthetic.main(["--out", str(tmp_path / "e"), "--zips", "0"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
