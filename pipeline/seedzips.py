@@ -127,12 +127,15 @@ def index_dataset(dataset: str) -> DatasetIndex:
 
 def read_member(fd: int, member: ZipMember, zip_path: str) -> bytes:
     """The uncompressed bytes of one member, checked against its size and CRC."""
-    head = os.pread(fd, _LOCAL_HEADER.size, member.header_offset)
-    if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
-        raise ConvertError(f"corrupt zip {zip_path}: no local header for {member.name}")
-    _, name_length, extra_length = _LOCAL_HEADER.unpack(head)
-    start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-    raw = os.pread(fd, member.compress_size, start)
+    try:
+        head = os.pread(fd, _LOCAL_HEADER.size, member.header_offset)
+        if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+            raise ConvertError(f"corrupt zip {zip_path}: no local header for {member.name}")
+        _, name_length, extra_length = _LOCAL_HEADER.unpack(head)
+        start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        raw = os.pread(fd, member.compress_size, start)
+    except OSError as error:
+        raise ConvertError(f"cannot read {zip_path}: {error.strerror or error}") from None
     try:
         data = zlib.decompress(raw, -15) if member.method == zipfile.ZIP_DEFLATED else raw
     except zlib.error as error:

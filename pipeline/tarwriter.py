@@ -1,15 +1,30 @@
-"""Deterministic POSIX (ustar) tar blocks, built without tarfile's per-member overhead.
+"""Deterministic POSIX (ustar) tar shards, written by several processes at once.
 
 Every header is tarfile's own ustar header for a regular file with mtime 0, uid/gid 0, empty
-owner names and mode 0o644; only the name, size and checksum differ. So the same members give
-the same bytes on every run and machine, and GNU tar and webdataset read the result.
+owner names and mode 0o644; only name, size and checksum differ, so the same members give the
+same bytes on every run and machine, and GNU tar and webdataset read the result.
+
+Member sizes are known before anything is read (zip central directory, bg file sizes), so the
+whole layout of a shard is computed up front and its parts are written at their offsets by
+whichever worker is free: the work spreads over all cores even when there are fewer shards
+than cores, and the bytes do not depend on the number of workers.
 """
 
+import multiprocessing
+import os
+import signal
 import tarfile
+
+from pipeline import schema
+from pipeline.seedzips import MEMBER_OF_FOLDER, ConvertError, read_member
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # archives end padded to a whole record, as tar and tarfile do
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+# Member suffixes of one sample in write order: the background, then Sample.members' folders.
+ZIP_SUFFIXES = tuple(MEMBER_OF_FOLDER[folder] for folder in schema.SEED_FOLDERS.values())
+assert (schema.BG,) + ZIP_SUFFIXES + (schema.META,) == schema.MEMBERS
+_PART_SAMPLES = (64, 1000)  # bounds of one worker task: small enough to balance, large to amortise
 
 
 def _template() -> bytes:
@@ -39,16 +54,115 @@ def header(name: str, size: int) -> bytes:
     return bytes(block)
 
 
-def member_span(size: int) -> int:
-    """Bytes one member of `size` bytes takes in the archive: header plus padded data."""
+def _span(size: int) -> int:
     return BLOCK + -(-size // BLOCK) * BLOCK
 
 
-def append_member(parts: list, name: str, data: bytes) -> None:
-    """Append the header, data and padding of one member to `parts` (to be joined)."""
+def _append(parts: list, name: str, data: bytes) -> None:
     parts += (header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
 
 
-def archive_size(members_bytes: int) -> int:
-    """Total archive size: members, two zero blocks, padded to a whole record."""
-    return -(-(members_bytes + 2 * BLOCK) // RECORD) * RECORD
+# --- Worker side: each process opens each zip once and pwrites whole parts ----------------
+_zip_paths, _bg_dir, _open_zips, _bg_bytes = [], "", {}, {}
+
+
+def _init_worker(zip_paths: list, bg_dir: str, in_pool: bool) -> None:
+    global _zip_paths, _bg_dir
+    if in_pool:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
+    _zip_paths, _bg_dir = zip_paths, bg_dir
+    _open_zips.clear()
+    _bg_bytes.clear()
+
+
+def _background(bg_id: int, size: int) -> bytes:
+    if bg_id not in _bg_bytes:
+        path = os.path.join(_bg_dir, schema.bg_name(bg_id))
+        try:
+            with open(path, "rb") as f:
+                _bg_bytes[bg_id] = f.read()
+        except OSError as error:
+            raise ConvertError(f"cannot read {path}: {error.strerror or error}") from None
+        if len(_bg_bytes[bg_id]) != size:
+            raise ConvertError(f"{path} changed size during the conversion")
+    return _bg_bytes[bg_id]
+
+
+def _write_part(numbered_task) -> tuple[int, int]:
+    """Write one part's samples at its offset of the shard's file; return (task number, samples)."""
+    number, (path, offset, records) = numbered_task
+    parts = []
+    for sample, bg_size, metadata in records:
+        zip_path = _zip_paths[sample.zip_index]
+        if zip_path not in _open_zips:
+            try:
+                _open_zips[zip_path] = os.open(zip_path, os.O_RDONLY)
+            except OSError as error:
+                raise ConvertError(f"cannot read {zip_path}: {error.strerror or error}") from None
+        _append(parts, f"{sample.key}.{schema.BG}", _background(sample.bg_id, bg_size))
+        for suffix, member in zip(ZIP_SUFFIXES, sample.members):
+            _append(parts, f"{sample.key}.{suffix}", read_member(_open_zips[zip_path], member, zip_path))
+        _append(parts, f"{sample.key}.{schema.META}", metadata)
+    view = memoryview(b"".join(parts))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    finally:
+        os.close(fd)
+    return number, len(records)
+
+
+def _close_zips() -> None:
+    for fd in _open_zips.values():
+        os.close(fd)
+    _open_zips.clear()
+
+
+# --- Main side -------------------------------------------------------------------------
+def _layout(path: str, records: list, part_samples: int) -> tuple[int, list]:
+    """(archive size, [(path, offset, records)]) of one shard cut into parts."""
+    offset, tasks = 0, []
+    for start in range(0, len(records), part_samples):
+        tasks.append((path, offset, records[start:start + part_samples]))
+        for sample, bg_size, metadata in tasks[-1][2]:
+            sizes = (bg_size, len(metadata)) + tuple(member.file_size for member in sample.members)
+            offset += sum(_span(size) for size in sizes)
+    return -(-(offset + 2 * BLOCK) // RECORD) * RECORD, tasks  # two zero blocks end the archive
+
+
+def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on_part, on_shard) -> None:
+    """Write each (path, records) of `shards`, records being (Sample, bg bytes, json bytes).
+
+    Calls on_part(samples) as parts finish and on_shard(path) once a shard's file is complete,
+    in completion order. Raises ConvertError (bad input) or OSError (output) as they happen.
+    """
+    total = sum(len(records) for _, records in shards)
+    part_samples = min(max(-(-total // (workers * 4)), _PART_SAMPLES[0]), _PART_SAMPLES[1])
+    tasks, parts_left = [], {}
+    for path, records in shards:
+        size, parts = _layout(path, records, part_samples)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        tasks += parts
+        parts_left[path] = len(parts)
+    if workers == 1 or len(tasks) <= 1:
+        _init_worker(zip_paths, bg_dir, False)
+        results, pool = map(_write_part, enumerate(tasks)), None
+    else:
+        context = multiprocessing.get_context("fork")  # starts at once: no re-import in workers
+        pool = context.Pool(min(workers, len(tasks)), _init_worker, (zip_paths, bg_dir, True))
+        results = pool.imap_unordered(_write_part, enumerate(tasks))
+    try:
+        for number, samples in results:
+            on_part(samples)
+            path = tasks[number][0]
+            parts_left[path] -= 1
+            if parts_left[path] == 0:
+                on_shard(path)
+    finally:
+        if pool is None:
+            _close_zips()
+        else:
+            pool.terminate()

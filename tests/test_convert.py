@@ -209,15 +209,36 @@ def _write(path, data: bytes) -> None:
         f.write(data)
 
 
+def _damage_first_image(dataset) -> None:
+    """Flip a byte inside the compressed data of batch_1.zip's first image (its CRC then fails)."""
+    path = dataset / schema.ZIP_DIR / schema.zip_name(1)
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if not i.is_dir())
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 30 + len(info.filename) + info.compress_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 BAD_INPUTS = {
     "missing dataset": (lambda d: shutil.rmtree(d), "dataset folder not found"),
     "no zips": (lambda d: shutil.rmtree(d / schema.ZIP_DIR), f"no {schema.ZIP_DIR}/batch_*.zip"),
     "corrupt zip": (lambda d: _write(d / schema.ZIP_DIR / schema.zip_name(2), b"PK not a zip"),
                     "unreadable or corrupt zip"),
+    "damaged member": (_damage_first_image, "corrupt zip"),
     "missing bg folder": (lambda d: shutil.rmtree(d / schema.BG_DIR), "background folder not found"),
     "duplicate key": (lambda d: shutil.copy(d / schema.ZIP_DIR / schema.zip_name(1),
                                             d / schema.ZIP_DIR / schema.zip_name(7)), "duplicate key"),
 }
+
+
+def _error_line(capsys) -> str:
+    """What the user is left with on stderr: one line (an erased progress bar aside)."""
+    err = capsys.readouterr().err
+    visible = err.rsplit("\r", 1)[-1]
+    assert err.count("\n") == 1 and visible.startswith("error: ") and visible.endswith("\n"), err
+    return visible
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -225,9 +246,8 @@ def test_bad_input_is_a_one_line_error_naming_the_path(case, seed_dataset, tmp_p
     change, message = BAD_INPUTS[case]
     dataset = _broken_copy(seed_dataset[0], tmp_path, change)
     status = convert_zips.main(["--dataset", dataset, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert status != 0
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    err = _error_line(capsys)
+    assert status != 0 and message in err
     if case == "duplicate key":
         assert schema.zip_name(1) in err and schema.zip_name(7) in err
     else:
@@ -238,8 +258,7 @@ def test_unwritable_output_is_a_one_line_error(seed_dataset, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     status = convert_zips.main(["--dataset", str(seed_dataset[0]), "--out", str(blocker / "shards")])
-    err = capsys.readouterr().err
-    assert status != 0 and err.count("\n") == 1 and str(blocker / "shards") in err
+    assert status != 0 and str(blocker / "shards") in _error_line(capsys)
 
 
 def test_strict_fails_on_the_incomplete_sample_and_a_missing_background_is_skipped(seed_dataset, shard_options,
