@@ -56,14 +56,19 @@ def amp_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
 
 def train(args, ctx: distributed.Context) -> None:
     say = tqdm.write if ctx.is_main else (lambda *_: None)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     out = Path(args.out)
     prepare_run_folder(out, resume=args.resume, rank=ctx.rank)
     train_urls = expand_urls(args.shards)
+    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
+                       seed=args.seed, storage_options=args.storage_options, retries=args.retries)
+    steps_per_epoch = len(make_loader(train_urls, train=True, epoch=0, **loader_args))
+    if steps_per_epoch == 0:
+        raise UserError(f"--shards {args.shards} hold less than one batch of {args.batch_size} per rank")
     val_urls = [] if args.no_val else find_val_shards(args.shards, args.val_shards, args.storage_options)
     say(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
     config = UNetConfig(width=args.width)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     model = UNet(config).to(ctx.device)
     channels_last = ctx.device.type == "cuda"  # faster convolutions with cuDNN; slower on CPU
     if channels_last:
@@ -74,11 +79,6 @@ def train(args, ctx: distributed.Context) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
-    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                       seed=args.seed, storage_options=args.storage_options)
-    steps_per_epoch = len(make_loader(train_urls, train=True, epoch=0, **loader_args))
-    if steps_per_epoch == 0:
-        raise UserError(f"--shards {args.shards} hold less than one batch of {args.batch_size} per rank")
     total_steps = args.steps or args.epochs * steps_per_epoch
     schedule_steps = args.schedule_steps or total_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, schedule_steps // 20)
@@ -101,6 +101,9 @@ def train(args, ctx: distributed.Context) -> None:
             say(f"warning: resuming with different loader settings ({state['loader']} -> {loader_identity}); "
                 f"the rest of epoch {epoch} may repeat or miss samples")
         say(f"resumed from {out / 'last.pt'} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        if step >= total_steps:
+            say(f"nothing to do: {out / 'last.pt'} is at step {step} and the run asks for {total_steps} steps")
+            return
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
     forward = torch.compile(ddp) if args.compile else ddp
@@ -187,6 +190,8 @@ def train(args, ctx: distributed.Context) -> None:
     if val_urls and last_validated != step:
         validate()
     logger.close()
+    if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
+        print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {step}", flush=True)
     say(f"done at step {step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
 
 

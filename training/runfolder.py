@@ -46,5 +46,5 @@ def find_val_shards(train_pattern: str, val_pattern: str | None, storage_options
         return [f"{folder}/{name}" for name in names]
     try:
         return expand_urls(f"{folder}/{schema.VAL_PREFIX}-*.tar")
-    except PipelineError:
+    except (PipelineError, OSError):  # no match, or a store that cannot list (plain HTTP)
         return []

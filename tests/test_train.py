@@ -1,0 +1,118 @@
+"""train.py end to end on the tiny shards of conftest: learning, resume, DDP, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import UNet, UNetConfig, total_loss
+from pipeline import make_loader
+from training.evaluate import prepare_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
+
+
+def run_train(shard_dir, out, *extra):
+    return train.main(["--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(out), *TINY, *extra])
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_overfitting_one_batch_drives_the_loss_down(shard_dir):
+    batch = next(iter(make_loader(f"{shard_dir}/batch-{{1..2}}.tar", batch_size=2, workers=0,
+                                  image_size=64, train=False)))
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, mask, depth = prepare_batch(batch, torch.device("cpu"))
+    losses = []
+    for _ in range(80):
+        loss, _ = total_loss(*model(x), mask, depth)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 4, losses[::10]
+
+
+def test_three_steps_then_resume_three_equals_six_steps(shard_dir, tmp_path):
+    assert run_train(shard_dir, tmp_path / "six", "--steps", "6", "--no-val") == 0
+    # The interrupted run plans the same 6-step LR schedule, stops at 3, then resumes.
+    assert run_train(shard_dir, tmp_path / "split", "--steps", "3", "--schedule-steps", "6", "--no-val") == 0
+    assert run_train(shard_dir, tmp_path / "split", "--steps", "6", "--resume", "--no-val") == 0
+    whole, split = weights(tmp_path / "six" / "last.pt"), weights(tmp_path / "split" / "last.pt")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # no step trained twice
+
+
+def test_run_writes_checkpoints_metrics_previews_and_resume_extends_it(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(shard_dir, out, "--steps", "2", "--val-every", "1", "--previews", "2") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [1, 2]
+    assert {"iou", "dice", "rmse", "abs_rel", "delta1", "loss"} <= val[0].keys()
+    assert val[0]["samples"] > 0  # the val-*.tar beside the shards was found on its own
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step-1.png", "step-2.png"]
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert best["step"] in (1, 2) and best["model_config"] == UNetConfig(width=4).to_dict()
+    assert not list(out.glob("*.tmp"))
+    assert run_train(shard_dir, out, "--steps", "4", "--resume", "--no-val") == 0
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_torchrun_two_cpu_processes_finish_the_same_steps(shard_dir, tmp_path):
+    command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+               "--out", str(tmp_path / "ddp"), "--device", "cpu", *TINY[:-2], "--batch-size", "2",
+               "--epochs", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    finished = sorted(line for line in done.stdout.splitlines() if "finished at step" in line)
+    steps = {line.rsplit(" ", 1)[1] for line in finished}
+    assert len(finished) == 2 and len(steps) == 1, done.stdout
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["step"] == int(steps.pop())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["no-match", "unreachable", "image-size", "unwritable", "other-model"])
+def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, capsys):
+    out, shards = tmp_path / "run", f"{shard_dir}/batch-{{1..2}}.tar"
+    extra, named = [], None
+    if case == "no-match":
+        shards, named = f"{tmp_path}/missing-{{1..2}}.tar", "missing-1.tar"
+    elif case == "unreachable":
+        port = _closed_port()
+        shards, named = f"http://127.0.0.1:{port}/batch-{{1..2}}.tar", f"127.0.0.1:{port}"
+        extra = ["--retries", "0"]
+    elif case == "image-size":
+        extra, named = ["--image-size", "80"], "image size 80"
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("")
+        out, named = tmp_path / "file" / "run", str(tmp_path / "file" / "run")
+    else:
+        assert run_train(shard_dir, out, "--steps", "1", "--no-val") == 0
+        capsys.readouterr()
+        extra, named = ["--resume", "--width", "8"], str(out / "last.pt")
+    args = ["--shards", shards, "--out", str(out), *TINY, "--steps", "2", "--no-val", *extra]  # last one wins
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
+    assert named in err
