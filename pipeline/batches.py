@@ -1,0 +1,137 @@
+"""One (rank, worker) slot of the epoch plan to batches: read, shuffle, check, decode, augment.
+
+A slot always yields exactly its planned number of batches, whatever the data holds, so
+every rank takes the same number of steps. A bad sample is skipped and reported; in train
+mode its place is taken by one of the slot's spare samples, and only when the spares run out
+do batches get smaller (never fewer). In eval mode a batch holds exactly its planned samples
+minus the bad ones.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import schema
+from pipeline.augment import augment, draw_params, resize_only, sample_rng
+from pipeline.decode import BadSample, check, decode
+from pipeline.plan import Slot, batch_index
+from pipeline.tario import read_samples
+
+# Batch dict fields (the API) for each shard member.
+FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
+CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
+INDEX, SKIPPED = "_index", "_skipped"  # private fields the Loader pops
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What every slot of one loader shares."""
+
+    urls: tuple[str, ...]
+    batch_size: int
+    image_size: int
+    train: bool
+    seed: int
+    epoch: int
+    rank: int
+    workers: int
+    shuffle_buffer: int
+    storage_options: dict
+    retries: int
+    retry_wait: float
+
+
+def _samples(slot: Slot, config: StreamConfig):
+    for shard, start, stop in slot.ranges:
+        yield from read_samples(config.urls[shard], start, stop, config.storage_options,
+                                retries=config.retries, retry_wait=config.retry_wait)
+
+
+def _shuffled(samples, size: int, rng: random.Random):
+    """A shuffle buffer: holds up to `size` samples and emits a random one per arrival."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _SlotStream:
+    def __init__(self, slot: Slot, worker: int, config: StreamConfig):
+        self.slot, self.worker, self.config = slot, worker, config
+        samples = _samples(slot, config)
+        if config.train:
+            rng = random.Random(f"buffer/{config.seed}/{config.epoch}/{config.rank}/{worker}")
+            samples = _shuffled(samples, config.shuffle_buffer, rng)
+        self.samples = samples
+        self.pulled = 0
+
+    def _next(self):
+        sample = next(self.samples, None)
+        self.pulled += sample is not None
+        return sample
+
+    def _prepare(self, sample, decode_it: bool):
+        """The sample's output tensors (or True when not decoding); raises BadSample."""
+        if sample.error is not None:
+            raise BadSample(sample.error)
+        if not decode_it:
+            check(sample.members)
+            return True
+        images = decode(sample.members)
+        size = self.config.image_size
+        if self.config.train:
+            params = draw_params(sample_rng(self.config.seed, self.config.epoch, sample.key))
+            return augment(images, params, size)
+        return resize_only(images, size)
+
+    def _fill(self, planned: int, batches_left: int, decode_it: bool, skipped: list):
+        good = []
+        if self.config.train:
+            # Spares cover bad samples; once they run out, share what is left over the batches.
+            target = min(planned, max(1, (self.slot.num_samples - self.pulled) // batches_left))
+            while len(good) < target and (sample := self._next()) is not None:
+                self._take(sample, decode_it, good, skipped)
+        else:
+            for _ in range(planned):
+                if (sample := self._next()) is None:
+                    break
+                self._take(sample, decode_it, good, skipped)
+        return good
+
+    def _take(self, sample, decode_it, good, skipped):
+        try:
+            good.append((sample.key, self._prepare(sample, decode_it)))
+        except BadSample as reason:
+            skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
+
+    def batches(self, skip: int):
+        sizes = self.slot.batch_sizes
+        for i, planned in enumerate(sizes):
+            skipped = []
+            good = self._fill(planned, len(sizes) - i, i >= skip, skipped)
+            if i >= skip:
+                yield _collate(good, self.config.image_size) | {
+                    INDEX: batch_index(i, self.worker, self.config.workers), SKIPPED: skipped}
+
+
+def _collate(good: list, size: int) -> dict:
+    batch = {"key": [key for key, _ in good]}
+    for member, field in FIELDS.items():
+        if good:
+            batch[field] = torch.stack([images[member] for _, images in good])
+        else:  # only when a slot lost more samples than it has batches
+            batch[field] = torch.zeros((0, CHANNELS[member], size, size), dtype=torch.uint8)
+    return batch
+
+
+def slot_batches(slot: Slot, worker: int, config: StreamConfig, skip: int = 0):
+    """Yield a slot's batches (with private INDEX and SKIPPED fields), the first `skip`
+    of them only counted through (checked, not decoded), not yielded."""
+    yield from _SlotStream(slot, worker, config).batches(skip)

@@ -1,0 +1,47 @@
+"""Raw sample members to uint8 tensors, and the cheap checks that catch broken JPEGs.
+
+libjpeg only warns on a truncated file and fills the rest with grey, so a JPEG must start
+with SOI and end with EOI (trailing zero padding allowed) before it is decoded at all.
+"""
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipeline import schema
+
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+_MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
+          schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
+MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; the message is the reason reported for it."""
+
+
+def check(members: dict[str, bytes]) -> None:
+    """Raise BadSample unless all four image members are present and look like whole JPEGs."""
+    for name in schema.IMAGE_MEMBERS:
+        data = members.get(name)
+        if data is None:
+            raise BadSample(f"missing member {name}")
+        if not data.startswith(_SOI):
+            raise BadSample(f"{name} is not a JPEG")
+        if not data.rstrip(b"\0").endswith(_EOI):
+            raise BadSample(f"{name} is a truncated JPEG")
+
+
+def decode(members: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """Checked members to CHW uint8 tensors: bg, bgfg RGB; mask 0/1; depth luminance.
+
+    Raises BadSample when a JPEG does not decode.
+    """
+    check(members)
+    images = {}
+    for name, mode in _MODES.items():
+        try:
+            images[name] = decode_jpeg(torch.frombuffer(bytearray(members[name]), dtype=torch.uint8), mode=mode)
+        except RuntimeError as error:
+            raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
+    images[schema.MASK] = (images[schema.MASK] > MASK_THRESHOLD).to(torch.uint8)
+    return images

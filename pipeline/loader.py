@@ -1,0 +1,148 @@
+"""make_loader: shard URLs to an iterable of decoded, augmented batches for one rank."""
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.batches import INDEX, SKIPPED, StreamConfig, slot_batches
+from pipeline.errors import PipelineError
+from pipeline.plan import batches_to_skip, plan_epoch
+from pipeline.sources import expand_urls, open_shard, shard_sizes as find_shard_sizes
+
+log = logging.getLogger(__name__)
+
+
+class _RankStream(IterableDataset):
+    """This rank's slots; each DataLoader worker streams its own."""
+
+    def __init__(self, slots, config: StreamConfig, start_batch: int):
+        super().__init__()
+        self.slots, self.config, self.start_batch = slots, config, start_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:  # no worker processes: run every slot here, in delivery order
+            return _round_robin([self._batches(w) for w in range(len(self.slots))])
+        return self._batches(info.id)
+
+    def _batches(self, worker: int):
+        skip = batches_to_skip(self.start_batch, worker, self.config.workers)
+        return slot_batches(self.slots[worker], worker, self.config, skip)
+
+
+def _round_robin(streams):
+    while streams:
+        for stream in list(streams):
+            batch = next(stream, None)
+            if batch is None:
+                streams.remove(stream)
+            else:
+                yield batch
+
+
+def _init_worker(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers are many already; intra-op threads only contend
+
+
+class Loader:
+    """Iterable of this rank's batches for one epoch (see make_loader).
+
+    Attributes: ``num_samples`` (samples this rank is planned to see this epoch),
+    ``batches_per_epoch``, ``skipped`` (one dict per bad sample met so far: key, shard,
+    reason) and ``stats`` (batches, samples, skipped: counts so far).
+    """
+
+    def __init__(self, dataloader: DataLoader, *, batches: int, samples: int, start_batch: int):
+        self._dataloader = dataloader
+        self.batches_per_epoch, self.num_samples, self.start_batch = batches, samples, start_batch
+        self.skipped: list[dict] = []
+        self.stats = {"batches": 0, "samples": 0, "skipped": 0}
+
+    def __len__(self) -> int:
+        """Batches one pass yields: the epoch's batches minus `start_batch`."""
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        # Workers deliver round robin; reorder by planned index so the sequence never
+        # depends on which worker runs ahead (and start_batch can begin at any worker).
+        pending, expected = {}, self.start_batch
+        for batch in self._dataloader:
+            self._report(batch.pop(SKIPPED))
+            pending[batch.pop(INDEX)] = batch
+            while expected in pending:
+                ready = pending.pop(expected)
+                expected += 1
+                self.stats["batches"] += 1
+                self.stats["samples"] += len(ready["key"])
+                yield ready
+        assert not pending and expected == self.batches_per_epoch, (sorted(pending), expected)
+
+    def _report(self, records: list[dict]) -> None:
+        for record in records:
+            log.warning("skipped sample %r of %s: %s", record["key"], record["shard"], record["reason"])
+        self.skipped.extend(records)
+        self.stats["skipped"] += len(records)
+
+
+def _rank_and_world(rank, world_size) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank() if rank is None else rank
+        world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, train: bool = True,
+                seed: int = 0, epoch: int = 0, storage_options: dict | None = None,
+                rank: int | None = None, world_size: int | None = None, start_batch: int = 0,
+                pin_memory: bool | None = None, shuffle_buffer: int = 512, shard_sizes=None,
+                retries: int = 5, retry_wait: float = 1.0) -> Loader:
+    """A Loader over this rank's share of one epoch of shards.
+
+    Each batch is a dict: ``bg``, ``bgfg`` uint8 [B,3,H,W]; ``mask`` uint8 [B,1,H,W] (0/1);
+    ``depth`` uint8 [B,1,H,W] (0..255, larger = farther); ``key`` list of str; H = W =
+    image_size. Convert to float on the training device.
+
+    urls: brace pattern, glob, fsspec URL or a list of them. rank/world_size: explicit
+    values win, else torch.distributed's when initialised, else 0 and 1. Every rank gets
+    len(loader) batches; train drops each rank's last partial batch and shuffles (shards by
+    seed and epoch, samples in a buffer of `shuffle_buffer`), eval yields every sample once.
+    The same arguments give the same batches; start_batch=n gives them minus the first n
+    (skipped without decoding). Sample counts come from `shard_sizes` (list, or name ->
+    count), else the manifest beside the shards, else (local files) a tar header scan.
+    Transient read errors are retried `retries` times, waiting retry_wait * 2**attempt.
+    Raises PipelineError (naming the pattern, URL or option) before the first batch when the
+    shards cannot be found or the first one cannot be opened.
+    """
+    for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
+                               ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
+                               ("start_batch", start_batch, 0), ("retries", retries, 0)):
+        if value < least:
+            raise PipelineError(f"{name} must be >= {least}, got {value}")
+    rank, world_size = _rank_and_world(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise PipelineError(f"rank {rank} is outside world size {world_size}")
+    storage_options = dict(storage_options or {})
+    url_list = expand_urls(urls)
+    sizes = find_shard_sizes(url_list, storage_options, shard_sizes)
+    with open_shard(url_list[0], storage_options, retries=retries, retry_wait=retry_wait) as probe:
+        if len(probe.read(512)) < 512:
+            raise PipelineError(f"{url_list[0]}: too short to be a tar shard")
+    slot_count = max(workers, 1)
+    plan = plan_epoch(sizes, world_size=world_size, workers=slot_count, batch_size=batch_size,
+                      train=train, seed=seed, epoch=epoch)
+    if plan.batches_per_rank == 0:
+        raise PipelineError(f"{sum(sizes)} samples in {urls!r} cannot fill one batch of "
+                            f"{batch_size} on each of {world_size} ranks")
+    if start_batch > plan.batches_per_rank:
+        raise PipelineError(f"start_batch {start_batch} is past the epoch's {plan.batches_per_rank} batches")
+    config = StreamConfig(tuple(url_list), batch_size, image_size, train, seed, epoch, rank,
+                          slot_count, shuffle_buffer, storage_options, retries, retry_wait)
+    dataset = _RankStream(plan.slots[rank], config, start_batch)
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                            worker_init_fn=_init_worker if workers else None)
+    return Loader(dataloader, batches=plan.batches_per_rank,
+                  samples=plan.samples_per_rank[rank], start_batch=start_batch)

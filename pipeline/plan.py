@@ -1,0 +1,123 @@
+"""Who reads what in one epoch: a pure function of shard sizes, ranks, workers and seeds.
+
+The epoch's samples are the shards concatenated (train: in an order shuffled by seed and
+epoch; eval: as given), cut into `world_size` contiguous near-equal rank chunks and each of
+those into `workers` contiguous pieces. A piece may start or end inside a shard, so a single
+shard can feed any number of ranks and workers, and each shard is streamed by few slots.
+
+Batch counts are fixed here, before any data is read, so every rank runs the same number of
+steps whatever the data turns out to hold (DDP hangs otherwise). A worker's i-th batch is
+the rank's batch number ``i * workers + w``: the order torch's DataLoader delivers them in.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One (rank, worker)'s share: sample ranges ``(shard index, start, stop)`` and batches.
+
+    In train mode ``batch_sizes`` are the targets (all equal to the batch size) and the
+    ranges hold spare samples beyond them; in eval mode they are exact and add up to the
+    ranges' sample count.
+    """
+
+    ranges: tuple[tuple[int, int, int], ...]
+    batch_sizes: tuple[int, ...]
+    num_samples: int = field(default=0)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    slots: tuple[tuple[Slot, ...], ...]  # [rank][worker]
+    batches_per_rank: int
+    samples_per_rank: tuple[int, ...]  # samples delivered per rank if none is corrupt
+
+
+def shard_order(count: int, *, train: bool, seed: int, epoch: int) -> list[int]:
+    """Shard indices in reading order: shuffled by (seed, epoch) in train, as given in eval."""
+    order = list(range(count))
+    if train:
+        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`parts` sizes that add up to `total` and differ by at most one, larger first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _split_proportionally(total: int, weights: list[int]) -> list[int]:
+    """Sizes adding up to `total`, proportional to `weights` (largest remainder method)."""
+    weight_sum = sum(weights)
+    if weight_sum == 0:
+        return split_evenly(total, len(weights))
+    exact = [total * w / weight_sum for w in weights]
+    sizes = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (sizes[i] - exact[i], i))
+    for i in by_remainder[: total - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def _ranges(order: list[int], sizes: list[int], begin: int, end: int) -> tuple:
+    """The (shard, start, stop) ranges covering global positions [begin, end) of `order`."""
+    ranges, offset = [], 0
+    for shard in order:
+        lo, hi = max(begin, offset), min(end, offset + sizes[shard])
+        if lo < hi:
+            ranges.append((shard, lo - offset, hi - offset))
+        offset += sizes[shard]
+    return tuple(ranges)
+
+
+def plan_epoch(sizes: list[int], *, world_size: int, workers: int, batch_size: int,
+               train: bool, seed: int = 0, epoch: int = 0) -> EpochPlan:
+    """Split one epoch over `world_size` ranks x `workers` workers (see the module docstring).
+
+    Train drops the last incomplete batch of every rank: K = floor(min rank samples /
+    batch_size) batches per rank, no sample twice. Eval delivers every sample once: K =
+    ceil(max rank samples / batch_size) batches per rank, each of near-equal size.
+    """
+    assert world_size >= 1 and workers >= 1 and batch_size >= 1, (world_size, workers, batch_size)
+    order = shard_order(len(sizes), train=train, seed=seed, epoch=epoch)
+    rank_samples = split_evenly(sum(sizes), world_size)
+    if train:
+        batches = min(rank_samples) // batch_size
+    else:
+        batches = -(-max(rank_samples) // batch_size)
+    worker_batches = split_evenly(batches, workers)
+    slots, rank_begin = [], 0
+    for samples in rank_samples:
+        if train:
+            spare = samples - batches * batch_size
+            pieces = [k * batch_size + extra for k, extra in
+                      zip(worker_batches, _split_proportionally(spare, worker_batches))]
+            batch_lists = [(batch_size,) * k for k in worker_batches]
+        else:
+            sizes_of_batches = split_evenly(samples, batches) if batches else []
+            batch_lists, first = [], 0
+            for k in worker_batches:
+                batch_lists.append(tuple(sizes_of_batches[first:first + k]))
+                first += k
+            pieces = [sum(b) for b in batch_lists]
+        rank_slots, begin = [], rank_begin
+        for piece, batch_list in zip(pieces, batch_lists):
+            rank_slots.append(Slot(_ranges(order, sizes, begin, begin + piece), batch_list, piece))
+            begin += piece
+        assert begin == rank_begin + samples, (begin, rank_begin, samples)
+        slots.append(tuple(rank_slots))
+        rank_begin += samples
+    delivered = tuple(batches * batch_size if train else s for s in rank_samples)
+    return EpochPlan(tuple(slots), batches, delivered)
+
+
+def batch_index(worker_batch: int, worker: int, workers: int) -> int:
+    """A worker's i-th batch's position in its rank's epoch (DataLoader's round robin)."""
+    return worker_batch * workers + worker
+
+
+def batches_to_skip(start_batch: int, worker: int, workers: int) -> int:
+    """How many of its own batches a worker skips so the rank's stream starts at start_batch."""
+    return max(0, -(-(start_batch - worker) // workers))
