@@ -4,6 +4,8 @@ libjpeg only warns on a truncated file and fills the rest with grey, so a JPEG m
 with SOI and end with EOI (trailing zero padding allowed) before it is decoded at all.
 """
 
+import warnings
+
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -13,6 +15,11 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
           schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
 MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
+
+# torchvision 0.29 flags its codecs as deprecated on every call; they are still the fastest
+# JPEG decoder we can pin, and the warning would flood every worker's log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 class BadSample(ValueError):

@@ -1,0 +1,166 @@
+"""make_loader end to end on the converter's shards: splitting, determinism, faults, augmentation."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+import convert_zips
+from pipeline import PipelineError, make_loader, schema
+
+SIZE = 32  # output side: small keeps the suite fast, and differs from the 64 px input
+
+
+def _manifest(folder):
+    return json.loads((folder / schema.MANIFEST).read_text())
+
+
+def _names(folder, split_prefix):
+    return [e["name"] for e in _manifest(folder)["shards"] if e["name"].startswith(split_prefix + "-")]
+
+
+def _all_shards(folder):
+    return [str(folder / e["name"]) for e in _manifest(folder)["shards"]]
+
+
+def _shard_keys(path):
+    with tarfile.open(path) as tar:
+        return {schema.split_member(name)[0] for name in tar.getnames()}
+
+
+@pytest.fixture(scope="module")
+def one_shard_dir(seed_dataset, shard_options, tmp_path_factory):
+    """The same seed dataset as a single training shard (fewer shards than ranks x workers)."""
+    out = tmp_path_factory.mktemp("one-shard")
+    convert_zips.convert(seed_dataset[0], out, **{**shard_options, "shards": 1, "val_fraction": 0})
+    return out
+
+
+def _run_ranks(urls, world_size=2, **kwargs):
+    """Every rank's (len, batches) for one epoch; ranks simulated by passing rank/world_size."""
+    loaders = [make_loader(urls, rank=r, world_size=world_size, image_size=SIZE, **kwargs)
+               for r in range(world_size)]
+    return [(len(loader), list(loader), loader) for loader in loaders]
+
+
+def _keys(batches):
+    return [key for batch in batches for key in batch["key"]]
+
+
+@pytest.mark.parametrize("which", ["unequal shards", "one shard"])
+def test_eval_delivers_every_good_key_once_over_2_ranks_x_2_workers(which, shard_dir, one_shard_dir, seed_dataset):
+    urls = _all_shards(shard_dir) if which == "unequal shards" else _all_shards(one_shard_dir)
+    truncated = set(seed_dataset[1]["faults"]["truncated"])
+    expected = set().union(*map(_shard_keys, urls))
+    ranks = _run_ranks(urls, batch_size=2, workers=2, train=False)
+    lengths = [length for length, _, _ in ranks]
+    assert lengths[0] == lengths[1] == len(ranks[0][1]) == len(ranks[1][1])
+    delivered = _keys(ranks[0][1]) + _keys(ranks[1][1])
+    assert len(delivered) == len(set(delivered))
+    assert set(delivered) == expected - truncated
+    skipped = [record for _, _, loader in ranks for record in loader.skipped]
+    assert [r["key"] for r in skipped] == sorted(truncated)
+    assert "truncated" in skipped[0]["reason"] and skipped[0]["shard"] in urls
+    assert sum(loader.stats["samples"] for _, _, loader in ranks) == len(expected) - 1
+
+
+def test_train_equal_batches_and_no_sample_twice(one_shard_dir):
+    ranks = _run_ranks(_all_shards(one_shard_dir), batch_size=3, workers=2, train=True)
+    assert ranks[0][0] == ranks[1][0] == len(ranks[0][2]) > 0
+    for length, batches, loader in ranks:
+        assert len(batches) == length
+        assert all(len(batch["key"]) == 3 for batch in batches)  # spares replace the bad sample
+        assert loader.num_samples == 3 * length
+    delivered = _keys(ranks[0][1]) + _keys(ranks[1][1])
+    assert len(delivered) == len(set(delivered))
+
+
+def _batches(urls, **kwargs):
+    return list(make_loader(urls, batch_size=2, workers=2, image_size=SIZE, train=True, seed=5, **kwargs))
+
+
+def test_same_arguments_same_batches_and_start_batch_gives_the_tail(shard_dir):
+    urls = [str(shard_dir / name) for name in _names(shard_dir, schema.TRAIN_PREFIX)]
+    first, again = _batches(urls), _batches(urls)
+    for start in (1, 3):
+        resumed = _batches(urls, start_batch=start)
+        assert len(resumed) == len(first) - start
+        for a, b in zip(first[start:], resumed):
+            assert a["key"] == b["key"]
+            assert all(torch.equal(a[f], b[f]) for f in ("bg", "bgfg", "mask", "depth"))
+    assert [b["key"] for b in first] == [b["key"] for b in again]
+    assert all(torch.equal(a["bgfg"], b["bgfg"]) for a, b in zip(first, again))
+    assert [b["key"] for b in _batches(urls, epoch=1)] != [b["key"] for b in first]
+
+
+def _iou(a, b):
+    return ((a & b).sum() / (a | b).sum()).item()
+
+
+def test_augmentation_keeps_the_four_images_aligned(shard_dir):
+    urls = [str(shard_dir / name) for name in _names(shard_dir, schema.TRAIN_PREFIX)]
+    loader = make_loader(urls, batch_size=4, workers=0, image_size=48, train=True, seed=1)
+    aligned, shifted = [], []
+    for batch in loader:
+        assert batch["bg"].shape[1:] == batch["bgfg"].shape[1:] == (3, 48, 48)
+        assert batch["mask"].shape[1:] == batch["depth"].shape[1:] == (1, 48, 48)
+        assert batch["mask"].dtype == batch["depth"].dtype == torch.uint8
+        assert set(batch["mask"].unique().tolist()) <= {0, 1}
+        # The pasted object is where bg and bgfg differ, so the composite recovers the mask.
+        changed = (batch["bgfg"].int() - batch["bg"].int()).abs().amax(1, keepdim=True) > 40
+        mask = batch["mask"].bool()
+        for i in range(len(mask)):
+            aligned.append(_iou(changed[i], mask[i]))
+            shifted.append(_iou(changed[i], mask[i].flip(-1)))
+            # The object is nearer (smaller depth) than the background around it.
+            assert batch["depth"][i][mask[i]].float().mean() < batch["depth"][i][~mask[i]].float().mean()
+    assert min(aligned) > 0.6
+    assert sum(aligned) / len(aligned) > sum(shifted) / len(shifted) + 0.3
+
+
+def _rewrite(src, dst, change):
+    """Copy a shard, letting change(key, suffix, data) return new bytes or None (drop)."""
+    with tarfile.open(src) as tar_in, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tar_out:
+        for member in tar_in:
+            data = change(*schema.split_member(member.name), tar_in.extractfile(member).read())
+            if data is not None:
+                member.size = len(data)
+                tar_out.addfile(member, io.BytesIO(data))
+
+
+def test_missing_member_and_non_jpeg_are_skipped_counted_and_named(shard_dir, tmp_path):
+    src = shard_dir / _names(shard_dir, schema.VAL_PREFIX)[0]
+    keys = sorted(_shard_keys(src))
+    broken = {keys[0]: schema.MASK, keys[1]: schema.DEPTH}
+
+    def change(key, suffix, data):
+        if broken.get(key) == suffix:
+            return None if key == keys[0] else b"not a jpeg at all"
+        return data
+
+    _rewrite(src, tmp_path / "val-1.tar", change)
+    loader = make_loader(str(tmp_path / "val-1.tar"), batch_size=4, workers=1, image_size=SIZE,
+                         train=False, shard_sizes=[len(keys)])
+    delivered = _keys(loader)
+    assert sorted(delivered) == keys[2:]
+    assert len(loader) == -(-len(keys) // 4)
+    reasons = {r["key"]: r["reason"] for r in loader.skipped}
+    assert reasons == {keys[0]: f"missing member {schema.MASK}", keys[1]: f"{schema.DEPTH} is not a JPEG"}
+    assert loader.stats == {"batches": len(loader), "samples": len(keys) - 2, "skipped": 2}
+
+
+def test_bad_patterns_and_unreadable_first_shard_fail_before_the_first_batch(shard_dir, tmp_path):
+    pattern = str(shard_dir / "nothing-*.tar")
+    with pytest.raises(PipelineError, match="nothing-"):
+        make_loader(pattern, batch_size=2, workers=0)
+    missing = str(shard_dir / "batch-{1..9}.tar")
+    with pytest.raises(PipelineError, match="batch-3.tar"):
+        make_loader(missing, batch_size=2, workers=0)
+    empty = tmp_path / "batch-1.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(PipelineError, match="batch-1.tar"):
+        make_loader(str(empty), batch_size=2, workers=0, shard_sizes=[4])
+    with pytest.raises(PipelineError, match="cannot fill one batch"):
+        make_loader(str(shard_dir / "val-1.tar"), batch_size=100, workers=0)
