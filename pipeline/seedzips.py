@@ -80,7 +80,8 @@ def _zip_entries(name: str, path: str) -> dict:
     entries = {}
     for info in infos:
         folder = posixpath.basename(posixpath.dirname(info.filename))
-        if info.is_dir() or folder not in MEMBER_OF_FOLDER:
+        # Hidden files (macOS '__MACOSX/bg_fg_1/._x.jpg' resource forks) are no images.
+        if info.is_dir() or folder not in MEMBER_OF_FOLDER or posixpath.basename(info.filename).startswith("."):
             continue
         if info.compress_type not in _READABLE_METHODS or info.flag_bits & 0x1:
             raise ConvertError(f"{path}: {info.filename} is encrypted or uses an unsupported compression method")

@@ -272,3 +272,17 @@ def test_strict_fails_on_the_incomplete_sample_and_a_missing_background_is_skipp
     reasons = {e["key"]: e["reason"] for e in manifest["skipped"]}
     lost = [k for k in summary["zips"][-1]["keys"] if schema.background_id(k) == bg_id]
     assert all(schema.bg_name(bg_id) in reasons[k] for k in lost)
+
+
+def test_hidden_files_and_other_members_are_ignored(seed_dataset, shard_dir, shard_options, tmp_path):
+    def add_clutter(dataset):
+        with zipfile.ZipFile(dataset / schema.ZIP_DIR / schema.zip_name(1), "a") as archive:
+            archive.writestr(f"__MACOSX/{schema.COMPOSITE_DIR}/._{schema.seed_key(1, 1)}.jpg", b"resource fork")
+            archive.writestr(f"{schema.COMPOSITE_DIR}/.DS_Store", b"finder")
+            archive.writestr("readme.txt", b"not an image")
+
+    dataset = _broken_copy(seed_dataset[0], tmp_path, add_clutter)
+    manifest = convert_zips.convert(dataset, tmp_path / "out", **shard_options)
+    assert manifest["skipped"] == _manifest(shard_dir)["skipped"]
+    for entry in manifest["shards"]:
+        assert filecmp.cmp(tmp_path / "out" / entry["name"], shard_dir / entry["name"], shallow=False)
