@@ -132,7 +132,10 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConvertError(f"--workers {workers}: must be at least 1")
-    index = index_dataset(dataset)
+    try:
+        index = index_dataset(dataset)
+    except OSError as error:
+        raise ConvertError(f"cannot read {error.filename or dataset}: {error.strerror or error}") from None
     if not index.samples:
         raise ConvertError(f"no complete samples in {dataset} ({len(index.skipped)} incomplete)")
     if strict and index.skipped:

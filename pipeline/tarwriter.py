@@ -20,7 +20,7 @@ from pipeline.seedzips import MEMBER_OF_FOLDER, ConvertError, read_member
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # archives end padded to a whole record, as tar and tarfile do
-_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_SIZE, _CHKSUM = slice(124, 136), slice(148, 156)  # ustar header fields
 # Member suffixes of one sample in write order: the background, then Sample.members' folders.
 ZIP_SUFFIXES = tuple(MEMBER_OF_FOLDER[folder] for folder in schema.SEED_FOLDERS.values())
 assert (schema.BG,) + ZIP_SUFFIXES + (schema.META,) == schema.MEMBERS
