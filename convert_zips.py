@@ -143,6 +143,7 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
         raise ConvertError(f"{len(index.skipped)} incomplete samples (--strict), e.g. {first['key']} "
                            f"in {first['zip']}: {first['reason']}")
     val_bgs, plan = _plan(index, shards, val_fraction, val_shards, seed)
+    # What makes the output what it is: a re-run resumes only when all of this is unchanged.
     header = {"version": MANIFEST_VERSION, "val_backgrounds": val_bgs,
               "options": {"shards": sum(split == schema.TRAIN_SPLIT for _, split, _ in plan),
                           "val_shards": sum(split == schema.VAL_SPLIT for _, split, _ in plan),
@@ -165,10 +166,12 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
             os.replace(path, os.path.join(out, name))
             _write_json(manifest_path, _manifest(header, plan, entries, index.skipped, False))
 
+        jobs = [(os.path.join(out, name + TEMPORARY),
+                 [(sample, index.bg_sizes[sample.bg_id], _metadata(sample, index)) for sample in samples])
+                for name, samples in todo]
         with bar:
-            jobs = [(os.path.join(out, name + TEMPORARY), [(s, index.bg_sizes[s.bg_id], _metadata(s, index))
-                                                         for s in samples]) for name, samples in todo]
-            tarwriter.write_shards(jobs, [path for _, path, _ in index.zips], os.path.join(dataset, schema.BG_DIR),
+            tarwriter.write_shards(jobs, [path for _, path, _ in index.zips],
+                                   os.path.join(dataset, schema.BG_DIR),
                                    workers=workers, on_part=bar.update, on_shard=finish)
         final = _manifest(header, plan, entries, index.skipped, True)
         _write_json(manifest_path, final)
@@ -185,16 +188,21 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="seed-layout folder holding bg/ and zipFiles/")
-    parser.add_argument("--out", default="shards", help="output folder for shards and manifest.json (default shards/)")
+    parser.add_argument("--out", default="shards",
+                        help="output folder for shards and manifest.json (default shards/)")
     parser.add_argument("--shards", type=int, help="training shards (default: one per input zip)")
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="fraction of backgrounds held out for validation (default 0.05; 0 disables)")
-    parser.add_argument("--val-shards", type=int, help="validation shards (default: about as full as training shards)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and the shuffle (default 0)")
+    parser.add_argument("--val-shards", type=int,
+                        help="validation shards (default: about as full as training shards)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the held-out choice and the shuffle (default 0)")
     parser.add_argument("--workers", type=int, help="processes writing shards (default: all cores)")
-    parser.add_argument("--strict", action="store_true", help="fail on an incomplete sample instead of skipping it")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on an incomplete sample instead of skipping it")
     args = parser.parse_args(argv)
     try:
         convert(args.dataset, args.out, shards=args.shards, val_fraction=args.val_fraction,

@@ -50,8 +50,8 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
             shutil.rmtree(unzipped)
     convert_s, unzip_s = min(convert_times), min(unzip_times)
-    print(json.dumps({"bench": "convert", "samples": summary["samples"], "zip_bytes": zip_bytes, "shard_bytes": shard_bytes,
-                      "cpus": os.cpu_count(), "repeats": args.repeats,
+    print(json.dumps({"bench": "convert", "samples": summary["samples"], "zip_bytes": zip_bytes,
+                      "shard_bytes": shard_bytes, "cpus": os.cpu_count(), "repeats": args.repeats,
                       "convert_s": round(convert_s, 3), "unzip_s": round(unzip_s, 3),
                       "ratio": round(convert_s / unzip_s, 3),
                       "convert_all_s": [round(t, 3) for t in convert_times],

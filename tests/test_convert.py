@@ -77,7 +77,8 @@ def test_round_trip_keeps_every_complete_sample_once_with_its_bytes(seed_dataset
         assert set(summary["faults"][fault]) <= set(by_key)
     truncated = summary["faults"]["truncated"][0]
     assert not by_key[truncated][schema.BGFG].endswith(b"\xff\xd9")
-    assert json.loads(by_key[summary["faults"]["double_ext"][0]][schema.META])["sources"][schema.BGFG].endswith(".jpg.jpg")
+    double = json.loads(by_key[summary["faults"]["double_ext"][0]][schema.META])
+    assert double["sources"][schema.BGFG].endswith(".jpg.jpg")
 
 
 def test_incomplete_samples_are_listed_with_zip_and_reason(seed_dataset, shard_dir):
