@@ -26,10 +26,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
+from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError, expand_urls, make_loader
 from training import UserError, checkpoint, distributed
-from training.evaluate import autocast, evaluate, prepare_batch
+from training.steps import evaluate, prepare_batch, train_step
 from training.logger import RunLogger
 from training.options import parse_args
 from training.runfolder import find_val_shards, prepare_run_folder
@@ -118,7 +118,7 @@ def train(args, ctx: distributed.Context) -> None:
             # Storage options may hold credentials: keep their names only.
             "args": {**vars(args), "storage_options": sorted(args.storage_options or {})},
             "model_config": config.to_dict(), "image_size": args.image_size, "loader": loader_identity,
-            "rng": checkpoint.rng_states(), "skipped": skipped_before + len(loader.skipped),
+            "rng": checkpoint.rng_states(), "skipped": skipped_before + skipped_this_epoch,
             "best_val_loss": best_loss,
         }
 
@@ -143,7 +143,7 @@ def train(args, ctx: distributed.Context) -> None:
     last_validated, stop = -1, False
     while step < total_steps and not stop:
         loader = make_loader(train_urls, train=True, epoch=epoch, start_batch=batch_in_epoch, **loader_args)
-        epoch_len = len(loader) + batch_in_epoch
+        epoch_len, skipped_this_epoch = len(loader) + batch_in_epoch, 0
         batches = iter(loader)
         while step < total_steps and not stop:
             waiting = time.perf_counter()
@@ -152,28 +152,22 @@ def train(args, ctx: distributed.Context) -> None:
             if batch is None:
                 break
             x, mask, depth = prepare_batch(batch, ctx.device, channels_last)
-            with autocast(ctx.device, amp_dtype):
-                logits, depth_pred = forward(x)
-            loss, terms = total_loss(logits, depth_pred, mask, depth, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, terms = train_step(forward, optimizer, scaler, x, mask, depth, weights=weights, amp_dtype=amp_dtype)
             scheduler.step()
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            window_loss += loss.detach()  # stays on the device: no sync until the next log line
+            window_loss += loss  # stays on the device: no sync until the next log line
             window_steps, window_samples = window_steps + 1, window_samples + x.shape[0]
             if args.minutes:
                 stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
 
             if step % args.log_every == 0 or step == total_steps or stop:
-                loss_sum, samples, skipped = distributed.all_sum(
-                    [float(window_loss), window_samples, skipped_before + len(loader.skipped)], ctx.device)
+                loss_sum, samples, skipped_this_epoch = distributed.all_sum(
+                    [float(window_loss), window_samples, len(loader.skipped)], ctx.device)
                 seconds = time.perf_counter() - window_start
                 record = {"epoch": epoch, "loss": loss_sum / ctx.world_size / window_steps,
                           **{k: float(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": samples / seconds, "data_wait": window_wait / seconds,
-                          "skipped": int(skipped)}
+                          "skipped": int(skipped_before + skipped_this_epoch)}
                 logger.log("train", step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 window_start, window_loss, window_steps, window_samples, window_wait = time.perf_counter(), 0.0, 0, 0, 0.0
@@ -184,7 +178,8 @@ def train(args, ctx: distributed.Context) -> None:
             if ctx.is_main and (step % args.save_every == 0 or step == total_steps or stop):
                 checkpoint.save(out / "last.pt", snapshot())
         if batch is None:  # the epoch ran out (not a step limit): the next one starts from its top
-            skipped_before += len(loader.skipped)
+            skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
+            skipped_this_epoch = 0
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
     if val_urls and last_validated != step:
@@ -193,6 +188,8 @@ def train(args, ctx: distributed.Context) -> None:
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
         print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {step}", flush=True)
     say(f"done at step {step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
+    if skipped_before + skipped_this_epoch:
+        say(f"skipped {int(skipped_before + skipped_this_epoch)} corrupt or incomplete samples (see the warnings above)")
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import torch
 import train
 from model import UNet, UNetConfig, total_loss
 from pipeline import make_loader
-from training.evaluate import prepare_batch
+from training.steps import prepare_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--workers", "0", "--log-every", "1"]

@@ -29,10 +29,8 @@ def _folder_of(url: str) -> str:
 
 
 def _val_names_in(manifest: dict) -> list[str]:
-    """Validation shard names listed in a manifest (shards as {name: info} or [{name: ...}])."""
-    shards = manifest.get("shards", {})
-    names = list(shards) if isinstance(shards, dict) else [entry.get("name", "") for entry in shards]
-    return sorted((n for n in names if n.startswith(schema.VAL_PREFIX + "-")), key=lambda n: (len(n), n))
+    """Validation shard names listed in a converter manifest, in its order."""
+    return [entry["name"] for entry in manifest.get("shards", []) if entry.get("split") == "val"]
 
 
 def find_val_shards(train_pattern: str, val_pattern: str | None, storage_options) -> list[str]:

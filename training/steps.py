@@ -1,4 +1,4 @@
-"""Batches to device tensors, and one validation pass (shared by train.py and bench/)."""
+"""Batches to device tensors, one optimizer step, one validation pass (train.py and bench/)."""
 
 import torch
 
@@ -22,6 +22,23 @@ def prepare_batch(batch: dict, device: torch.device, channels_last: bool = False
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(forward, optimizer, scaler, x, mask, depth, *, weights: LossWeights = LossWeights(),
+               amp_dtype=None):
+    """Forward, loss, backward and optimizer step; returns (loss detached, terms dict).
+
+    `scaler` is a torch.amp.GradScaler (enabled only for fp16). The LR schedule is the
+    caller's, so the step can be timed alone.
+    """
+    with autocast(x.device, amp_dtype):
+        logits, depth_pred = forward(x)
+    loss, terms = total_loss(logits, depth_pred, mask, depth, weights)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), terms
 
 
 @torch.no_grad()
