@@ -160,9 +160,9 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
         bar = tqdm(total=sum(len(samples) for _, samples in todo), unit="sample", desc="converting",
                    leave=False, disable=not progress)
 
-        def finish(path: str) -> None:
+        def finish(path: str, sha256: str) -> None:
             name = os.path.basename(path)[: -len(TEMPORARY)]
-            entries[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+            entries[name] = {"bytes": os.path.getsize(path), "sha256": sha256}
             os.replace(path, os.path.join(out, name))
             _write_json(manifest_path, _manifest(header, plan, entries, index.skipped, False))
 

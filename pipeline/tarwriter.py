@@ -10,6 +10,7 @@ whichever worker is free: the work spreads over all cores even when there are fe
 than cores, and the bytes do not depend on the number of workers.
 """
 
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -121,46 +122,71 @@ def _close_zips() -> None:
 
 
 # --- Main side -------------------------------------------------------------------------
-def _layout(path: str, records: list, part_samples: int) -> tuple[int, list]:
-    """(archive size, [(path, offset, records)]) of one shard cut into parts."""
-    offset, tasks = 0, []
+class _PrefixHash:
+    """sha256 of a shard whose parts finish in any order, hashed as its finished prefix grows,
+    so the digest is ready when the last part lands instead of costing a full read then."""
+
+    def __init__(self, path: str, bounds: list):
+        self.path, self.bounds, self.finished, self.hashed = path, bounds, set(), 0
+        self.digest = hashlib.sha256()
+
+    def part_done(self, part: int) -> bool:
+        """Record a finished part; True once the whole file is hashed."""
+        self.finished.add(part)
+        with open(self.path, "rb") as f:
+            while self.hashed in self.finished:
+                start, end = self.bounds[self.hashed], self.bounds[self.hashed + 1]
+                f.seek(start)
+                while start < end:
+                    chunk = f.read(min(end - start, 1 << 22))
+                    self.digest.update(chunk)
+                    start += len(chunk)
+                self.hashed += 1
+        return self.hashed == len(self.bounds) - 1
+
+
+def _layout(path: str, records: list, part_samples: int) -> tuple[list, list]:
+    """(part bounds, [(path, offset, records)]) of one shard cut into parts; the last bound is
+    the archive size, the last part's span including the end-of-archive blocks."""
+    offset, bounds, tasks = 0, [], []
     for start in range(0, len(records), part_samples):
+        bounds.append(offset)
         tasks.append((path, offset, records[start:start + part_samples]))
         for sample, bg_size, metadata in tasks[-1][2]:
             sizes = (bg_size, len(metadata)) + tuple(member.file_size for member in sample.members)
             offset += sum(_span(size) for size in sizes)
-    return -(-(offset + 2 * BLOCK) // RECORD) * RECORD, tasks  # two zero blocks end the archive
+    bounds.append(-(-(offset + 2 * BLOCK) // RECORD) * RECORD)  # two zero blocks end the archive
+    return bounds, tasks
 
 
 def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on_part, on_shard) -> None:
     """Write each (path, records) of `shards`, records being (Sample, bg bytes, json bytes).
 
-    Calls on_part(samples) as parts finish and on_shard(path) once a shard's file is complete,
-    in completion order. Raises ConvertError (bad input) or OSError (output) as they happen.
+    Calls on_part(samples) as parts finish and on_shard(path, sha256 hex) once a shard's file is
+    complete, in completion order. Raises ConvertError (bad input) or OSError (output).
     """
     total = sum(len(records) for _, records in shards)
     part_samples = min(max(-(-total // (workers * 4)), _PART_SAMPLES[0]), _PART_SAMPLES[1])
-    tasks, parts_left = [], {}
+    tasks, hashes = [], {}
     for path, records in shards:
-        size, parts = _layout(path, records, part_samples)
+        bounds, parts = _layout(path, records, part_samples)
         with open(path, "wb") as f:
-            f.truncate(size)
-        tasks += parts
-        parts_left[path] = len(parts)
+            f.truncate(bounds[-1])
+        hashes[path] = _PrefixHash(path, bounds)
+        tasks += [(part, task) for part, task in enumerate(parts)]
     if workers == 1 or len(tasks) <= 1:
         _init_worker(zip_paths, bg_dir, False)
-        results, pool = map(_write_part, enumerate(tasks)), None
+        results, pool = map(_write_part, enumerate(task for _, task in tasks)), None
     else:
         context = multiprocessing.get_context("fork")  # starts at once: no re-import in workers
         pool = context.Pool(min(workers, len(tasks)), _init_worker, (zip_paths, bg_dir, True))
-        results = pool.imap_unordered(_write_part, enumerate(tasks))
+        results = pool.imap_unordered(_write_part, enumerate(task for _, task in tasks))
     try:
         for number, samples in results:
             on_part(samples)
-            path = tasks[number][0]
-            parts_left[path] -= 1
-            if parts_left[path] == 0:
-                on_shard(path)
+            part, (path, _, _) = tasks[number]
+            if hashes[path].part_done(part):
+                on_shard(path, hashes[path].digest.hexdigest())
     finally:
         if pool is None:
             _close_zips()
