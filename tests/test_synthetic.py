@@ -102,9 +102,20 @@ def _ring(mask: np.ndarray, width: int) -> np.ndarray:
     return grown & ~mask
 
 
+def _foreground(dataset, fg_id):
+    """Mean colour of foreground fg_id inside its mask (away from its JPEG-blurred edge)."""
+    with open(os.path.join(dataset, schema.FG_DIR, schema.fg_name(fg_id)), "rb") as f:
+        image = _decode(f.read(), "RGB")
+    with open(os.path.join(dataset, schema.FG_MASK_DIR, schema.fg_mask_name(fg_id)), "rb") as f:
+        mask = _decode(f.read(), "L") > 127
+    return image[mask & ~_ring(~mask, 1)].mean(axis=0)
+
+
 def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_its_background(seed_dataset):
     dataset, summary = seed_dataset
     faulty = {key for keys in summary["faults"].values() for key in keys}
+    fg_count = len(os.listdir(os.path.join(dataset, schema.FG_DIR)))
+    placements = len(summary["zips"][0]["keys"]) // len(summary["zips"][0]["bg_ids"]) // fg_count
     kinds = set()
     for key in (k for z in summary["zips"] for k in z["keys"] if k not in faulty):
         bg, composite, mask, depth, depth_image = _placement(dataset, summary, key)
@@ -113,6 +124,9 @@ def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_its_back
         outside = ~mask & ~_ring(mask, 3)  # away from the edge JPEG smears across
         assert np.abs(composite - bg)[outside].mean() < 6
         assert np.abs(composite - bg)[mask].mean() > 3 * np.abs(composite - bg)[outside].mean()
+        k = int(key.rsplit("_bg_", 1)[1].split("_")[0])  # key = seed_key(bg, (fg - 1) * placements + p)
+        pasted = composite[mask & ~_ring(~mask, 1)].mean(axis=0)
+        assert np.abs(pasted - _foreground(dataset, (k - 1) // placements + 1)).max() < 20, key
         assert np.median(depth[mask]) + 15 < np.median(depth[_ring(mask, 4)]), key
     assert kinds == {("L", True), ("RGB", True), ("L", False)}  # "mixed": gray, colour, half size
 
