@@ -15,7 +15,7 @@ DEMO := demo
 # make one, so no test can reach beyond 127.0.0.1 by accident.
 NET_GUARD := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: setup test-servers shards test bench demo clean
+.PHONY: setup test-servers seed-data shards test bench demo clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-servers:
 	  echo "installing nginx (needed by the HTTP tests)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } \
 	  || { echo "error: nginx is missing and could not be installed; install it (apt-get install nginx-light)" >&2; exit 1; }
+
+# A full-size synthetic seed dataset (20 zips x 10,000 samples, like the real one) in DATASET.
+seed-data: setup
+	$(PY) -m pipeline.synthetic --out $(DATASET) --zips 20 --bgs-per-zip 5 --fg 100 --placements 20 --workers $(shell nproc)
 
 shards: setup
 	$(PY) convert_zips.py --dataset $(DATASET) --out $(OUT)
