@@ -60,7 +60,8 @@ def train(args, ctx: distributed.Context) -> None:
     prepare_run_folder(out, resume=args.resume, rank=ctx.rank)
     train_urls = expand_urls(args.shards)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                       seed=args.seed, storage_options=args.storage_options, retries=args.retries)
+                       seed=args.seed, storage_options=args.storage_options, retries=args.retries,
+                       pin_memory=ctx.device.type == "cuda")
     steps_per_epoch = len(make_loader(train_urls, train=True, epoch=0, **loader_args))
     if steps_per_epoch == 0:
         raise UserError(f"--shards {args.shards} hold less than one batch of {args.batch_size} per rank")

@@ -69,6 +69,7 @@ def test_run_writes_checkpoints_metrics_previews_and_resume_extends_it(shard_dir
     best = torch.load(out / "best.pt", weights_only=False)
     assert best["step"] in (1, 2) and best["model_config"] == UNetConfig(width=4).to_dict()
     assert not list(out.glob("*.tmp"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert run_train(shard_dir, out, "--steps", "4", "--resume", "--no-val") == 0
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
 

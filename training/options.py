@@ -30,15 +30,29 @@ def _positive(kind):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show a default only where it says something (not None/False/[], not already in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train the mask + depth U-Net on WebDataset shards streamed by pipeline.make_loader.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  python train.py --shards 'shards/batch-{1..20}.tar' --out runs/exp1\n"
+        "  python train.py --shards 'shards/batch-{1..20}.tar' --out runs/exp1 --resume --steps 20000\n"
+        "  torchrun --nproc_per_node=8 train.py --shards 's3://bucket/shards/batch-{1..20}.tar' --out runs/exp1\n"
+        "  (multi-node: torchrun --nnodes=N --node_rank=K --master_addr=HOST0 --master_port=29500 ...)",
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--shards", required=True, help="training shards: brace pattern, glob, list or fsspec URL")
-    data.add_argument("--val-shards", help="validation shards (default: the val-*.tar beside --shards, if any)")
+    data.add_argument("--val-shards", help="validation shards (default: the val-*.tar beside --shards, from their manifest or a glob)")
     data.add_argument("--no-val", action="store_true", help="do not validate even if val shards exist")
     data.add_argument("--batch-size", type=_positive(int), default=32, help="samples per batch on each rank")
     data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
@@ -66,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=_positive(int), help="passes over the training shards (default 5)")
     schedule.add_argument("--minutes", type=_positive(float), help="also stop after this much wall time")
     schedule.add_argument("--lr", type=_positive(float), default=1e-3, help="peak AdamW learning rate")
-    schedule.add_argument("--weight-decay", type=float, default=1e-4)
+    schedule.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     schedule.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the schedule, <= 1000)")
     schedule.add_argument(
         "--schedule-steps",
@@ -76,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     system = parser.add_argument_group("system")
-    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = CUDA when available (under torchrun: the GPU of LOCAL_RANK)")
     system.add_argument(
         "--amp",
         choices=("auto", "bf16", "fp16", "off"),
@@ -92,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--save-every", type=_positive(int), default=1000, help="write OUT/last.pt every N steps")
     output.add_argument("--log-every", type=_positive(int), default=20, help="metrics.jsonl line every N steps")
     output.add_argument("--previews", type=int, default=4, help="validation samples per preview PNG")
-    output.add_argument("--seed", type=int, default=0)
+    output.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling and augmentation")
     return parser
 
 
