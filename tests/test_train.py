@@ -44,11 +44,13 @@ def test_overfitting_one_batch_drives_the_loss_down(shard_dir):
     assert losses[-1] < losses[0] / 4, losses[::10]
 
 
-def test_three_steps_then_resume_three_equals_six_steps(shard_dir, tmp_path):
-    assert run_train(shard_dir, tmp_path / "six", "--steps", "6", "--no-val") == 0
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_three_steps_then_resume_three_equals_six_steps(shard_dir, tmp_path, workers):
+    common = ("--no-val", "--workers", workers)
+    assert run_train(shard_dir, tmp_path / "six", "--steps", "6", *common) == 0
     # The interrupted run plans the same 6-step LR schedule, stops at 3, then resumes.
-    assert run_train(shard_dir, tmp_path / "split", "--steps", "3", "--schedule-steps", "6", "--no-val") == 0
-    assert run_train(shard_dir, tmp_path / "split", "--steps", "6", "--resume", "--no-val") == 0
+    assert run_train(shard_dir, tmp_path / "split", "--steps", "3", "--schedule-steps", "6", *common) == 0
+    assert run_train(shard_dir, tmp_path / "split", "--steps", "6", "--resume", *common) == 0
     whole, split = weights(tmp_path / "six" / "last.pt"), weights(tmp_path / "split" / "last.pt")
     assert whole.keys() == split.keys()
     for name in whole:

@@ -34,7 +34,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show a default only where it says something (not None/False/[], not already in the help)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == [] or "default" in (action.help or ""):
+        quiet = action.default is None or action.default is False or action.default == []
+        if quiet or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
