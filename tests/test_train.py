@@ -76,6 +76,14 @@ def test_run_writes_checkpoints_metrics_previews_and_resume_extends_it(shard_dir
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
 
 
+def test_time_budget_stops_early_with_a_checkpoint_and_a_validation(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(shard_dir, out, "--steps", "1000", "--minutes", "0.0001") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "val" and records[-1]["step"] == 1
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1
+
+
 def test_torchrun_two_cpu_processes_finish_the_same_steps(shard_dir, tmp_path):
     command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
