@@ -96,6 +96,19 @@ def shard_pairs(url: str, limit: int | None, storage_options):
         limit = None if limit is None else limit - 1
 
 
+def input_pairs(args):
+    """(output subfolder name or None, bg, bgfg uint8 tensors) for the chosen input."""
+    if args.bg:
+        yield None, read_rgb(args.bg, args.bg), read_rgb(args.bgfg, args.bgfg)
+    elif args.pairs:
+        for name, bg, bgfg in find_pairs(Path(args.pairs)):
+            yield name, read_rgb(bg, str(bg)), read_rgb(bgfg, str(bgfg))
+    else:
+        for key, bg, bgfg in shard_pairs(args.shard, args.limit, dict(args.storage_options) or None):
+            where = f"{args.shard}:{key}"
+            yield key, read_rgb(bg, f"{where}.{schema.BG}"), read_rgb(bgfg, f"{where}.{schema.BGFG}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,16 +144,8 @@ def run(args) -> int:
     model = model.to(device).eval()
     out = Path(args.out)
 
-    if args.bg:
-        jobs = [(None, read_rgb(args.bg, args.bg), read_rgb(args.bgfg, args.bgfg))]
-    elif args.pairs:
-        jobs = ((name, read_rgb(bg, str(bg)), read_rgb(bgfg, str(bgfg))) for name, bg, bgfg in find_pairs(Path(args.pairs)))
-    else:
-        options = dict(args.storage_options) or None
-        jobs = ((key, read_rgb(bg, f"{args.shard}:{key}.{schema.BG}"), read_rgb(bgfg, f"{args.shard}:{key}.{schema.BGFG}"))
-                for key, bg, bgfg in shard_pairs(args.shard, args.limit, options))
     written = 0
-    for name, bg, bgfg in jobs:
+    for name, bg, bgfg in input_pairs(args):
         if bg.shape != bgfg.shape:
             raise UserError(f"{name or args.bg}: bg is {tuple(bg.shape[1:])} but bgfg is {tuple(bgfg.shape[1:])}")
         write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))

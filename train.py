@@ -30,7 +30,7 @@ from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError, expand_urls, make_loader
 from training import UserError, checkpoint, distributed
 from training.steps import evaluate, prepare_batch, train_step
-from training.logger import RunLogger
+from training.logger import RunLogger, Window
 from training.options import parse_args
 from training.runfolder import find_val_shards, prepare_run_folder
 from training.visual import save_preview
@@ -140,7 +140,7 @@ def train(args, ctx: distributed.Context) -> None:
         f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
     started = time.monotonic()
-    window_start, window_loss, window_steps, window_samples, window_wait = time.perf_counter(), 0.0, 0, 0, 0.0
+    window = Window()
     last_validated, stop = -1, False
     while step < total_steps and not stop:
         loader = make_loader(train_urls, train=True, epoch=epoch, start_batch=batch_in_epoch, **loader_args)
@@ -149,29 +149,29 @@ def train(args, ctx: distributed.Context) -> None:
         while step < total_steps and not stop:
             waiting = time.perf_counter()
             batch = next(batches, None)
-            window_wait += time.perf_counter() - waiting
+            window.data_wait += time.perf_counter() - waiting
             if batch is None:
                 break
             x, mask, depth = prepare_batch(batch, ctx.device, channels_last)
             loss, terms = train_step(forward, optimizer, scaler, x, mask, depth, weights=weights, amp_dtype=amp_dtype)
             scheduler.step()
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            window_loss += loss  # stays on the device: no sync until the next log line
-            window_steps, window_samples = window_steps + 1, window_samples + x.shape[0]
+            window.loss += loss  # stays on the device: no sync until the next log line
+            window.steps, window.samples = window.steps + 1, window.samples + x.shape[0]
             if args.minutes:
                 stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
 
             if step % args.log_every == 0 or step == total_steps or stop:
                 loss_sum, samples, skipped_this_epoch = distributed.all_sum(
-                    [float(window_loss), window_samples, len(loader.skipped)], ctx.device)
-                seconds = time.perf_counter() - window_start
-                record = {"epoch": epoch, "loss": loss_sum / ctx.world_size / window_steps,
+                    [float(window.loss), window.samples, len(loader.skipped)], ctx.device)
+                seconds = window.seconds()
+                record = {"epoch": epoch, "loss": loss_sum / ctx.world_size / window.steps,
                           **{k: float(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": samples / seconds, "data_wait": window_wait / seconds,
+                          "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
                           "skipped": int(skipped_before + skipped_this_epoch)}
                 logger.log("train", step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window_start, window_loss, window_steps, window_samples, window_wait = time.perf_counter(), 0.0, 0, 0, 0.0
+                window = Window()
             bar.update(1)
             if val_urls and (step % args.val_every == 0 or step == total_steps or stop):
                 validate()
@@ -189,8 +189,9 @@ def train(args, ctx: distributed.Context) -> None:
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
         print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {step}", flush=True)
     say(f"done at step {step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
-    if skipped_before + skipped_this_epoch:
-        say(f"skipped {int(skipped_before + skipped_this_epoch)} corrupt or incomplete samples (see the warnings above)")
+    skipped = int(skipped_before + skipped_this_epoch)
+    if skipped:
+        say(f"skipped {skipped} corrupt or incomplete samples (see the warnings above)")
 
 
 def main(argv=None) -> int:

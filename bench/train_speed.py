@@ -47,9 +47,13 @@ def timed_steps(batches, steps: int) -> float:
 
 
 def random_batches():
+    """Endless batches shaped like the loader's, made in memory."""
     generator = torch.Generator().manual_seed(0)
+
+    def image(channels):
+        return torch.randint(0, 256, (BATCH, channels, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+
     while True:
-        image = lambda c: torch.randint(0, 256, (BATCH, c, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)  # noqa: E731
         yield {"bg": image(3), "bgfg": image(3), "depth": image(1), "mask": image(1) % 2}
 
 

@@ -10,6 +10,17 @@ except ImportError:  # tensorboard is optional
     SummaryWriter = None
 
 
+class Window:
+    """Totals since the last log line: loss (a device tensor), steps, samples, data wait."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.loss, self.steps, self.samples, self.data_wait = 0.0, 0, 0, 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class RunLogger:
     """One JSON object per call to `log` (appended, so a resumed run continues the file)."""
 

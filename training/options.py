@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--shards", required=True, help="training shards: brace pattern, glob, list or fsspec URL")
-    data.add_argument("--val-shards", help="validation shards (default: the val-*.tar beside --shards, from their manifest or a glob)")
+    data.add_argument("--val-shards",
+                      help="validation shards (default: the val-*.tar beside --shards, from their manifest or a glob)")
     data.add_argument("--no-val", action="store_true", help="do not validate even if val shards exist")
     data.add_argument("--batch-size", type=_positive(int), default=32, help="samples per batch on each rank")
     data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
