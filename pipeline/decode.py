@@ -16,11 +16,6 @@ _MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
           schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
 MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
 
-# torchvision 0.29 flags its codecs as deprecated on every call; they are still the fastest
-# JPEG decoder we can pin, and the warning would flood every worker's log.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message is the reason reported for it."""
@@ -45,10 +40,15 @@ def decode(members: dict[str, bytes]) -> dict[str, torch.Tensor]:
     """
     check(members)
     images = {}
-    for name, mode in _MODES.items():
-        try:
-            images[name] = decode_jpeg(torch.frombuffer(bytearray(members[name]), dtype=torch.uint8), mode=mode)
-        except RuntimeError as error:
-            raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
+    with warnings.catch_warnings():
+        # torchvision 0.29 flags its codecs as deprecated on every call; they are still the
+        # decoder this project pins, and the warning would flood every worker's log.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, mode in _MODES.items():
+            try:
+                data = torch.frombuffer(bytearray(members[name]), dtype=torch.uint8)
+                images[name] = decode_jpeg(data, mode=mode)
+            except RuntimeError as error:
+                raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
     images[schema.MASK] = (images[schema.MASK] > MASK_THRESHOLD).to(torch.uint8)
     return images

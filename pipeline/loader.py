@@ -1,5 +1,6 @@
 """make_loader: shard URLs to an iterable of decoded, augmented batches for one rank."""
 
+import gc
 import logging
 
 import torch
@@ -67,6 +68,9 @@ class Loader:
         # Workers deliver round robin; reorder by planned index so the sequence never
         # depends on which worker runs ahead (and start_batch can begin at any worker).
         pending, expected = {}, self.start_batch
+        # Free the clients of earlier reads now: forked workers would inherit them and
+        # fail to close them on their own event loop.
+        gc.collect()
         for batch in self._dataloader:
             self._report(batch.pop(SKIPPED))
             pending[batch.pop(INDEX)] = batch
@@ -125,7 +129,7 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     if not 0 <= rank < world_size:
         raise PipelineError(f"rank {rank} is outside world size {world_size}")
     storage_options = dict(storage_options or {})
-    url_list = expand_urls(urls)
+    url_list = expand_urls(urls, storage_options)
     sizes = find_shard_sizes(url_list, storage_options, shard_sizes)
     with open_shard(url_list[0], storage_options, retries=retries, retry_wait=retry_wait) as probe:
         if len(probe.read(512)) < 512:

@@ -31,10 +31,11 @@ def _is_local(url: str) -> bool:
     return "://" not in url
 
 
-def expand_urls(urls) -> list[str]:
+def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a local or fsspec glob, or a list of either.
 
     A pattern (or a local path) that matches nothing raises PipelineError naming it.
+    storage_options reach the filesystem that lists a remote glob.
     """
     patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     if not patterns:
@@ -50,7 +51,7 @@ def expand_urls(urls) -> list[str]:
             elif _is_local(url):
                 matches.extend(sorted(glob.glob(url)))
             else:
-                fs, path = fsspec.core.url_to_fs(url)
+                fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
                 matches.extend(fs.unstrip_protocol(p) for p in sorted(fs.glob(path)))
         if not matches:
             raise PipelineError(f"shard pattern {pattern!r} matches nothing")
@@ -70,10 +71,12 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     """The manifest.json beside a shard (or inside a folder URL), or None when there is none."""
     manifest_url = f"{_folder(url)}/{schema.MANIFEST}"
     try:
-        with fsspec.open(manifest_url, "rb", **(storage_options or {})) as f:
+        with open_shard(manifest_url, storage_options, retries=2, retry_wait=0.5) as f:
             return json.loads(f.read())
-    except FileNotFoundError:
-        return None
+    except PipelineError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            return None
+        raise
     except json.JSONDecodeError as error:
         raise PipelineError(f"{manifest_url}: not valid JSON ({error})") from None
 
@@ -133,6 +136,9 @@ def shard_sizes(urls: list[str], storage_options: dict | None = None,
 
 def _is_transient(error: BaseException) -> bool:
     """Worth a retry: connection drops, timeouts, 5xx; not a missing or forbidden object."""
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        # fsspec's HTTP info() reports every failure (refused connection, 503) this way.
+        return _is_transient(error.__cause__)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     try:
@@ -165,7 +171,7 @@ class RetryingStream(io.RawIOBase):
         self._with_retries(lambda: None)  # open now, so a bad URL fails here
 
     def _open(self):
-        fs, path = fsspec.core.url_to_fs(self.url, **self._options)
+        fs, path = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self._options)
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
         if protocols & {"http", "https"}:
             # block_size=0: one streaming GET, so servers without Range support work.

