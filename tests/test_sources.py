@@ -1,0 +1,83 @@
+"""URL expansion, sample counts, tar streaming by sample range, and the JPEG checks."""
+
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from pipeline import PipelineError, expand_urls, read_manifest, schema
+from pipeline.decode import BadSample, check
+from pipeline.sources import RetryingStream, shard_sizes
+from pipeline.tario import read_samples
+
+
+def _train_shards(shard_dir):
+    return sorted(str(p) for p in shard_dir.glob(f"{schema.TRAIN_PREFIX}-*.tar"))
+
+
+def test_expand_urls_braces_globs_lists_and_file_urls(shard_dir):
+    shards = _train_shards(shard_dir)
+    assert expand_urls(f"{shard_dir}/{schema.TRAIN_PREFIX}-{{1..2}}.tar") == shards
+    assert expand_urls(f"{shard_dir}/{schema.TRAIN_PREFIX}-*.tar") == shards
+    assert expand_urls([shards[1], f"{shard_dir}/{schema.VAL_PREFIX}-*.tar"]) == [
+        shards[1], str(shard_dir / schema.shard_name(schema.VAL_PREFIX, 1))]
+    assert expand_urls(f"file://{shard_dir}/{schema.TRAIN_PREFIX}-*.tar") == [f"file://{s}" for s in shards]
+    with pytest.raises(PipelineError, match="'.*nope-\\*.tar' matches nothing"):
+        expand_urls(f"{shard_dir}/nope-*.tar")
+    with pytest.raises(PipelineError, match="no such shard: .*-3.tar"):
+        expand_urls(f"{shard_dir}/{schema.TRAIN_PREFIX}-{{1..3}}.tar")
+
+
+def test_sample_counts_from_manifest_scan_or_explicit(shard_dir, tmp_path):
+    shards = _train_shards(shard_dir)
+    manifest = read_manifest(shards[0])
+    assert manifest == json.loads((shard_dir / schema.MANIFEST).read_text())
+    from_manifest = shard_sizes(shards)
+    for path in shards:
+        shutil.copy(path, tmp_path)
+    copies = _train_shards(tmp_path)
+    assert read_manifest(copies[0]) is None
+    assert shard_sizes(copies) == from_manifest  # counted from the tar headers instead
+    assert from_manifest == [e["samples"] for e in manifest["shards"][:2]]
+    assert shard_sizes(copies, explicit=[1, 2]) == [1, 2]
+    with pytest.raises(PipelineError, match="2 shards"):
+        shard_sizes(copies, explicit=[1])
+    with pytest.raises(PipelineError, match="no sample count .*manifest"):
+        shard_sizes([f"memory://{tmp_path.name}/batch-1.tar"])  # remote, no manifest: no scan
+
+
+def test_read_samples_streams_a_range_and_reports_a_cut_off_shard(shard_dir, tmp_path):
+    path = _train_shards(shard_dir)[0]
+    every = list(read_samples(path, 0, 10**9))
+    assert all(s.error is None and set(s.members) <= set(schema.IMAGE_MEMBERS) for s in every[:-1])
+    assert every[-1].error is not None and "expected" in every[-1].error  # fewer than 10**9
+    keys = [s.key for s in every[:-1]]
+    assert [s.key for s in read_samples(path, 2, 5)] == keys[2:5]
+    with tarfile.open(path) as tar:
+        cut = tar.getmembers()[6].offset_data + 100  # inside sample 2's third member
+    (tmp_path / "cut.tar").write_bytes(open(path, "rb").read()[:cut])
+    cut_samples = list(read_samples(str(tmp_path / "cut.tar"), 0, len(keys)))
+    assert [s.key for s in cut_samples[:2]] == keys[:2]
+    assert cut_samples[-1].error.startswith("shard ends early")
+
+
+def test_retrying_stream_reads_the_file_verbatim_and_names_a_missing_one(shard_dir):
+    path = _train_shards(shard_dir)[0]
+    with RetryingStream(path) as stream:
+        assert stream.read() == open(path, "rb").read()
+    with pytest.raises(PipelineError, match="cannot read .*missing.tar: FileNotFoundError"):
+        RetryingStream(str(shard_dir / "missing.tar"), retries=0)
+
+
+def test_jpeg_checks_name_the_member(shard_dir):
+    sample = next(read_samples(_train_shards(shard_dir)[0], 0, 1))
+    check(sample.members)
+    padded = dict(sample.members, **{schema.MASK: sample.members[schema.MASK] + b"\0\0\0"})
+    check(padded)  # trailing zero padding after EOI is allowed
+    cases = {"missing member": {k: v for k, v in sample.members.items() if k != schema.BG},
+             "is not a JPEG": dict(sample.members, **{schema.BGFG: b"GIF89a..."}),
+             "truncated JPEG": dict(sample.members, **{schema.DEPTH: sample.members[schema.DEPTH][:-50]})}
+    for reason, members in cases.items():
+        with pytest.raises(BadSample, match=reason):
+            check(members)
