@@ -1,10 +1,8 @@
 """train.py end to end on the tiny shards of conftest: learning, resume, DDP, bad input."""
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +125,13 @@ def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
     assert named in err
+
+
+def test_storage_options_parse_json_values_and_stay_out_of_checkpoints(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    options = ["--storage-option", "secret=hunter2", "--storage-option", 'client_kwargs={"region_name": "x"}']
+    args = train.parse_args(["--shards", "s", *options])
+    assert args.storage_options == {"secret": "hunter2", "client_kwargs": {"region_name": "x"}}
+    assert run_train(shard_dir, out, "--steps", "1", "--no-val", *options) == 0  # local files ignore them
+    assert b"hunter2" not in (out / "last.pt").read_bytes()
+    assert torch.load(out / "last.pt", weights_only=False)["args"]["storage_options"] == ["client_kwargs", "secret"]

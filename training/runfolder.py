@@ -1,6 +1,5 @@
 """Where a run reads validation shards from and writes its files to, checked up front."""
 
-import os
 from pathlib import Path
 
 from pipeline import PipelineError, expand_urls, read_manifest, schema
