@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from model import check_image_size, to_input
 from pipeline import PipelineError, schema
@@ -132,6 +133,8 @@ def run(args) -> int:
     chosen = [bool(args.bg or args.bgfg), bool(args.pairs), bool(args.shard)]
     if sum(chosen) != 1 or (chosen[0] and not (args.bg and args.bgfg)):
         raise UserError("give exactly one input: --bg with --bgfg, --pairs FOLDER, or --shard URL")
+    if args.limit is not None and not args.shard:
+        raise UserError("--limit goes with --shard")
     state = load(args.checkpoint)
     model = model_from_checkpoint(state)
     image_size = args.image_size or state["image_size"]
@@ -145,7 +148,7 @@ def run(args) -> int:
     out = Path(args.out)
 
     written = 0
-    for name, bg, bgfg in input_pairs(args):
+    for name, bg, bgfg in tqdm(input_pairs(args), unit="pair", disable=bool(args.bg), leave=False):
         if bg.shape != bgfg.shape:
             raise UserError(f"{name or args.bg}: bg is {tuple(bg.shape[1:])} but bgfg is {tuple(bgfg.shape[1:])}")
         write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
