@@ -29,10 +29,10 @@ from tqdm import tqdm
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError, expand_urls, make_loader
 from training import UserError, checkpoint, distributed
-from training.steps import evaluate, prepare_batch, train_step
 from training.logger import RunLogger, Window
 from training.options import parse_args
 from training.runfolder import find_val_shards, prepare_run_folder
+from training.steps import evaluate, prepare_batch, train_step
 from training.visual import save_preview
 
 
