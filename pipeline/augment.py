@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline import schema
 
-_GRAY = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 _RGB_PAIR = (schema.BG, schema.BGFG)
 
 
@@ -62,27 +62,40 @@ def _crop(image: torch.Tensor, params: AugmentParams, size: int, interpolation) 
     return out.flip(-1) if params.flip else out
 
 
-def _jitter(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Brightness, contrast, saturation in one pass over [N,3,H,W] uint8 (N images, same factors).
+def _jitter(images: torch.Tensor, params: AugmentParams, out: list[torch.Tensor]) -> None:
+    """Brightness, contrast, saturation on [N,3,H,W] uint8 (same factors), into out[0..N-1].
 
     Equal to applying the three in that order without clamping in between: with gray(x)
-    the luminance and m its mean, b*c*(s*x + (1-s)*gray(x)) + (1-c)*b*m.
+    the luminance and m its mean, b*c*s*x + b*c*(1-s)*gray(x) + (1-c)*b*m. Written as
+    in-place steps on one float copy: this runs once per sample, and allocations dominate.
     """
-    x = images.float()
-    gray = (x * _GRAY).sum(1, keepdim=True)
-    mean = gray.mean((2, 3), keepdim=True)
     b, c, s = params.brightness, params.contrast, params.saturation
-    out = (b * c) * (s * x + (1 - s) * gray) + (1 - c) * b * mean
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    x = images.float()
+    gray = x[:, 0] * _GRAY_WEIGHTS[0]
+    gray.add_(x[:, 1], alpha=_GRAY_WEIGHTS[1]).add_(x[:, 2], alpha=_GRAY_WEIGHTS[2])
+    offset = gray.mean((1, 2), keepdim=True).mul_((1 - c) * b).add_(0.5)  # +0.5: round, not truncate
+    gray.mul_(b * c * (1 - s)).add_(offset)
+    x.mul_(b * c * s).add_(gray.unsqueeze(1)).clamp_(0, 255)
+    for image, target in zip(x, out):
+        target.copy_(image)  # float to uint8 truncates; the +0.5 above made that rounding
 
 
-def augment(images: dict[str, torch.Tensor], params: AugmentParams, size: int) -> dict[str, torch.Tensor]:
-    """Apply one draw to a decoded sample; every output is `size` x `size`."""
+def new_outputs(size: int) -> dict[str, torch.Tensor]:
+    """Empty uint8 output images of one sample (3 channels for RGB members, 1 otherwise)."""
+    return {name: torch.empty((3 if name in _RGB_PAIR else 1, size, size), dtype=torch.uint8)
+            for name in schema.IMAGE_MEMBERS}
+
+
+def augment(images: dict[str, torch.Tensor], params: AugmentParams, size: int,
+            out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Apply one draw to a decoded sample, writing `size` x `size` images into `out`
+    (member -> uint8 [C,size,size], e.g. slots of a batch; new ones when None)."""
+    out = new_outputs(size) if out is None else out
     bilinear = InterpolationMode.BILINEAR
     rgb = _crop(_stack_rgb(images), params, size, bilinear)
-    out = dict(zip(_RGB_PAIR, _jitter(rgb, params)))
-    out[schema.MASK] = _crop(images[schema.MASK], params, size, InterpolationMode.NEAREST_EXACT)
-    out[schema.DEPTH] = _crop(images[schema.DEPTH], params, size, bilinear)
+    _jitter(rgb, params, [out[name] for name in _RGB_PAIR])
+    out[schema.MASK].copy_(_crop(images[schema.MASK], params, size, InterpolationMode.NEAREST_EXACT))
+    out[schema.DEPTH].copy_(_crop(images[schema.DEPTH], params, size, bilinear))
     return out
 
 
@@ -93,13 +106,14 @@ def _stack_rgb(images: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack((bg, bgfg))
 
 
-def resize_only(images: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """Eval: bring each member to `size` x `size` (mask by nearest neighbour), nothing else."""
-    out = {}
+def resize_only(images: dict[str, torch.Tensor], size: int,
+                out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Eval: bring each member to `size` x `size` (mask by nearest neighbour) into `out`."""
+    out = new_outputs(size) if out is None else out
     for name, image in images.items():
         if image.shape[-2:] != (size, size):
             nearest = name == schema.MASK
             image = F.resize(image, [size, size], antialias=True,
                              interpolation=InterpolationMode.NEAREST_EXACT if nearest else InterpolationMode.BILINEAR)
-        out[name] = image
+        out[name].copy_(image)
     return out

@@ -7,10 +7,12 @@ do batches get smaller (never fewer). In eval mode a batch holds exactly its pla
 minus the bad ones.
 """
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import get_worker_info
 
 from pipeline import schema
 from pipeline.augment import augment, draw_params, resize_only, sample_rng
@@ -77,37 +79,40 @@ class _SlotStream:
         self.pulled += sample is not None
         return sample
 
-    def _prepare(self, sample, decode_it: bool):
-        """The sample's output tensors (or True when not decoding); raises BadSample."""
-        if sample.error is not None:
-            raise BadSample(sample.error)
-        if not decode_it:
-            check(sample.members)
-            return True
-        images = decode(sample.members)
-        size = self.config.image_size
-        if self.config.train:
-            params = draw_params(sample_rng(self.config.seed, self.config.epoch, sample.key))
-            return augment(images, params, size)
-        return resize_only(images, size)
-
     def _fill(self, planned: int, batches_left: int, decode_it: bool, skipped: list):
-        good = []
+        """Take samples for one batch; returns (keys, batch images or None when not decoding)."""
         if self.config.train:
             # Spares cover bad samples; once they run out, share what is left over the batches.
-            target = min(planned, max(1, (self.slot.num_samples - self.pulled) // batches_left))
-            while len(good) < target and (sample := self._next()) is not None:
-                self._take(sample, decode_it, good, skipped)
+            capacity = min(planned, max(1, (self.slot.num_samples - self.pulled) // batches_left))
+        else:
+            capacity = planned
+        images = _new_batch(capacity, self.config.image_size) if decode_it else None
+        keys = []
+        if self.config.train:
+            while len(keys) < capacity and (sample := self._next()) is not None:
+                self._take(sample, images, keys, skipped)
         else:
             for _ in range(planned):
                 if (sample := self._next()) is None:
                     break
-                self._take(sample, decode_it, good, skipped)
-        return good
+                self._take(sample, images, keys, skipped)
+        return keys, images
 
-    def _take(self, sample, decode_it, good, skipped):
+    def _take(self, sample, images, keys, skipped):
         try:
-            good.append((sample.key, self._prepare(sample, decode_it)))
+            if sample.error is not None:
+                raise BadSample(sample.error)
+            if images is None:
+                check(sample.members)
+            else:
+                decoded = decode(sample.members)
+                slots = {member: tensor[len(keys)] for member, tensor in images.items()}
+                if self.config.train:
+                    params = draw_params(sample_rng(self.config.seed, self.config.epoch, sample.key))
+                    augment(decoded, params, self.config.image_size, out=slots)
+                else:
+                    resize_only(decoded, self.config.image_size, out=slots)
+            keys.append(sample.key)
         except BadSample as reason:
             skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
 
@@ -115,19 +120,25 @@ class _SlotStream:
         sizes = self.slot.batch_sizes
         for i, planned in enumerate(sizes):
             skipped = []
-            good = self._fill(planned, len(sizes) - i, i >= skip, skipped)
+            keys, images = self._fill(planned, len(sizes) - i, i >= skip, skipped)
             if i >= skip:
-                yield _collate(good, self.config.image_size) | {
-                    INDEX: batch_index(i, self.worker, self.config.workers), SKIPPED: skipped}
+                batch = {FIELDS[member]: tensor[:len(keys)] for member, tensor in images.items()}
+                yield batch | {"key": keys, INDEX: batch_index(i, self.worker, self.config.workers),
+                               SKIPPED: skipped}
 
 
-def _collate(good: list, size: int) -> dict:
-    batch = {"key": [key for key, _ in good]}
-    for member, field in FIELDS.items():
-        if good:
-            batch[field] = torch.stack([images[member] for _, images in good])
-        else:  # only when a slot lost more samples than it has batches
-            batch[field] = torch.zeros((0, CHANNELS[member], size, size), dtype=torch.uint8)
+def _new_batch(count: int, size: int) -> dict[str, torch.Tensor]:
+    """Uninitialised uint8 images for `count` samples; in a worker process they live in shared
+    memory already, so handing the batch to the main process copies nothing."""
+    shared = get_worker_info() is not None
+    batch = {}
+    for member, channels in CHANNELS.items():
+        shape = (count, channels, size, size)
+        if shared:  # as torch's default_collate allocates its batches
+            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+            batch[member] = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            batch[member] = torch.empty(shape, dtype=torch.uint8)
     return batch
 
 
