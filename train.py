@@ -106,7 +106,9 @@ def train(args, ctx: distributed.Context) -> None:
             say(f"nothing to do: {out / 'last.pt'} is at step {step} and the run asks for {total_steps} steps")
             return
 
-    ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    ddp = model
+    if ctx.world_size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     forward = torch.compile(ddp) if args.compile else ddp
     logger = RunLogger(out, enabled=ctx.is_main)
 

@@ -4,6 +4,7 @@ One shared encoder sees both images stacked as 6 channels, so it can compare the
 pixel (the difference is the object); one decoder with skip connections feeds two 1x1 heads.
 """
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -102,11 +103,18 @@ class UNet(nn.Module):
         return self.mask_head(y), torch.sigmoid(self.depth_head(y))
 
 
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh host-to-GPU copy every step would stall the CUDA stream.
+    mean = torch.tensor(MEAN * 2).view(1, 6, 1, 1).to(device)
+    std = torch.tensor(STD * 2).view(1, 6, 1, 1).to(device)
+    return mean, std
+
+
 def to_input(bgfg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,H,W] pair -> the normalised float [B,6,H,W] the network reads (on their device)."""
     x = torch.cat([bgfg, bg], dim=1).float().div_(255)
-    mean = torch.tensor(MEAN * 2, device=x.device).view(1, 6, 1, 1)
-    std = torch.tensor(STD * 2, device=x.device).view(1, 6, 1, 1)
+    mean, std = _normalisation(x.device)
     return (x - mean) / std
 
 
