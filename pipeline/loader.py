@@ -71,7 +71,7 @@ class Loader:
         # Free the clients of earlier reads now: forked workers would inherit them and
         # fail to close them on their own event loop.
         gc.collect()
-        for batch in self._dataloader:
+        for batch in _worker_errors_unwrapped(self._dataloader):
             self._report(batch.pop(SKIPPED))
             pending[batch.pop(INDEX)] = batch
             while expected in pending:
@@ -87,6 +87,16 @@ class Loader:
             log.warning("skipped sample %r of %s: %s", record["key"], record["shard"], record["reason"])
         self.skipped.extend(records)
         self.stats["skipped"] += len(records)
+
+
+def _worker_errors_unwrapped(batches):
+    """Re-raise a worker's PipelineError with its own one-line message: DataLoader wraps it
+    in the worker's whole traceback."""
+    try:
+        yield from batches
+    except PipelineError as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise PipelineError(last_line.split("PipelineError: ", 1)[-1]) from None
 
 
 def _rank_and_world(rank, world_size) -> tuple[int, int]:

@@ -164,3 +164,15 @@ def test_bad_patterns_and_unreadable_first_shard_fail_before_the_first_batch(sha
         make_loader(str(empty), batch_size=2, workers=0, shard_sizes=[4])
     with pytest.raises(PipelineError, match="cannot fill one batch"):
         make_loader(str(shard_dir / "val-1.tar"), batch_size=100, workers=0)
+
+
+def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
+    for name in _names(shard_dir, schema.TRAIN_PREFIX):
+        (tmp_path / name).write_bytes((shard_dir / name).read_bytes())
+    loader = make_loader(str(tmp_path / f"{schema.TRAIN_PREFIX}-*.tar"), batch_size=2, workers=2,
+                         image_size=SIZE, train=False, shard_sizes=[8, 9], retries=0)
+    (tmp_path / schema.shard_name(schema.TRAIN_PREFIX, 2)).unlink()  # after the plan was made
+    with pytest.raises(PipelineError) as error:
+        list(loader)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot read {tmp_path}/batch-2.tar")

@@ -1,5 +1,6 @@
 """URL expansion, sample counts, tar streaming by sample range, and the JPEG checks."""
 
+import io
 import json
 import shutil
 import tarfile
@@ -81,3 +82,17 @@ def test_jpeg_checks_name_the_member(shard_dir):
     for reason, members in cases.items():
         with pytest.raises(BadSample, match=reason):
             check(members)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_member_names_from_other_tar_writers(shard_dir, tmp_path, tar_format):
+    sample = next(read_samples(_train_shards(shard_dir)[0], 0, 1))
+    key = "k" * 120  # beyond ustar's 100 characters: needs a GNU or pax header
+    path = tmp_path / "long.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for suffix, data in sample.members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (read,) = read_samples(str(path), 0, 1)
+    assert read.key == key and read.members == sample.members
