@@ -31,16 +31,16 @@ DATASET = dict(zips=2, bgs_per_zip=2, fg=10, placements=3, seed=2, image_size=IM
 def timed_steps(batches, steps: int) -> float:
     """Samples per second over `steps` optimizer steps, after one untimed warm-up step."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig())
+    model = UNet(UNetConfig()).to(memory_format=torch.channels_last)  # as train.py does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = iter(batches)
     cpu = torch.device("cpu")
-    train_step(model, optimizer, scaler, *prepare_batch(next(batches), cpu))
+    train_step(model, optimizer, scaler, *prepare_batch(next(batches), cpu, channels_last=True))
     started, samples = time.perf_counter(), 0
     for _ in range(steps):
         batch = next(batches)  # fetching is part of the timed step, as in train.py
-        x, mask, depth = prepare_batch(batch, cpu)
+        x, mask, depth = prepare_batch(batch, cpu, channels_last=True)
         train_step(model, optimizer, scaler, x, mask, depth)
         samples += x.shape[0]
     return samples / (time.perf_counter() - started)
