@@ -11,7 +11,8 @@ under --cache), one run measures:
       also in eval mode (decode and resize, no augmentation) on 20 shards, for context;
   (c) seed_zip_pil: the original approach, a map-style Dataset reading the zip directly with
       PIL and transforms.ToTensor, in a DataLoader with 1 worker (more broke the seed).
-Prints one JSON line: samples/s of each, ratio = (b) on 20 shards / (a), peak PSS in MiB.
+Prints one JSON line: samples/s of each, ratio = (b) on 20 shards / (a), peak PSS in MiB,
+and CPU milliseconds per sample of (a) and (b), whose ratio holds even on a busy machine.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -79,16 +81,23 @@ def _decode_range(bounds) -> int:
     return bounds[1] - bounds[0]
 
 
-def decode_only(urls: list[str], workers: int) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def decode_only(urls: list[str], workers: int) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) of decoding the shards' JPEGs in `workers` processes."""
     _SAMPLES.extend(s.members for url in urls for s in read_samples(url, 0, 10**9) if s.error is None)
     step = -(-len(_SAMPLES) // workers)
+    cpu_before = _children_cpu()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(_decode_range, [(0, 1)] * workers)  # processes up before the clock starts
         started = time.perf_counter()
         done = sum(pool.map(_decode_range, [(i, i + step) for i in range(0, len(_SAMPLES), step)]))
         elapsed = time.perf_counter() - started
     _SAMPLES.clear()
-    return done / elapsed
+    return done / elapsed, (_children_cpu() - cpu_before) / done
 
 
 # --- (b) make_loader, in a child process so its memory is measured alone -----------------
@@ -129,6 +138,7 @@ def _tree_pss_kib(root: int) -> int:
 def loader_in_child(folder: str, args, train: bool = True) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--run-loader", folder, "--workers", str(args.workers),
                "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)] + ([] if train else ["--eval"])
+    cpu_before = _children_cpu()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak, stop = [0], threading.Event()
 
@@ -139,12 +149,14 @@ def loader_in_child(folder: str, args, train: bool = True) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     output, _ = child.communicate()
+    cpu = _children_cpu() - cpu_before  # the child and its workers, which it reaped
     stop.set()
     sampler.join()
     if child.returncode:
         raise SystemExit(f"error: the make_loader run on {folder} failed (status {child.returncode})")
     result = json.loads(output.strip().splitlines()[-1])
-    return {"sps": result["samples"] / result["seconds"], "samples": result["samples"], "peak_pss_mib": peak[0] / 1024}
+    return {"sps": result["samples"] / result["seconds"], "samples": result["samples"],
+            "cpu_ms": 1000 * cpu / result["samples"], "peak_pss_mib": peak[0] / 1024}
 
 
 # --- (c) the seed's approach ------------------------------------------------------------
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
     _log("(b') make_loader in eval mode (decode and resize only) on 20 shards")
     evaluation = loader_in_child(folders[20], args, train=False)
     _log("(a) decode only")
-    limit = decode_only(_shard_urls(folders[1]), args.workers)
+    limit, limit_cpu = decode_only(_shard_urls(folders[1]), args.workers)
     _log("(c) seed approach: zip + PIL + ToTensor, 1 worker")
     seed = seed_zip_pil(dataset, args.seed_samples, args.batch_size, args.image_size)
     print(json.dumps({
@@ -217,6 +229,9 @@ def main(argv=None) -> int:
         "make_loader_1_shard_sps": round(one["sps"], 1), "seed_zip_pil_sps": round(seed, 1),
         "ratio_make_loader_to_decode_only": round(many["sps"] / limit, 3),
         "speedup_over_seed": round(many["sps"] / seed, 2),
+        # CPU time per sample does not depend on what else the machine runs at the time.
+        "decode_only_cpu_ms_per_sample": round(1000 * limit_cpu, 3), "make_loader_cpu_ms_per_sample": round(many["cpu_ms"], 3),
+        "cpu_ratio_decode_only_to_make_loader": round(1000 * limit_cpu / many["cpu_ms"], 3),
         "make_loader_eval_sps": round(evaluation["sps"], 1),
         "peak_pss_mib_20_shards": round(many["peak_pss_mib"]), "peak_pss_mib_1_shard": round(one["peak_pss_mib"]),
     }))
