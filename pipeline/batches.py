@@ -4,7 +4,9 @@ A slot always yields exactly its planned number of batches, whatever the data ho
 every rank takes the same number of steps. A bad sample is skipped and reported; in train
 mode its place is taken by one of the slot's spare samples, and only when the spares run out
 do batches get smaller (never fewer). In eval mode a batch holds exactly its planned samples
-minus the bad ones.
+minus the bad ones. Batches skipped for a resume are composed with the cheap JPEG checks
+only, so a resumed stream matches the original unless a sample passed those checks and
+still failed to decode in a skipped batch.
 """
 
 import math

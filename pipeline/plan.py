@@ -11,7 +11,7 @@ the rank's batch number ``i * workers + w``: the order torch's DataLoader delive
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Slot:
 
     ranges: tuple[tuple[int, int, int], ...]
     batch_sizes: tuple[int, ...]
-    num_samples: int = field(default=0)
+    num_samples: int
 
 
 @dataclass(frozen=True)

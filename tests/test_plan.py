@@ -1,7 +1,5 @@
 """The epoch plan: pure arithmetic, so every split is checked exhaustively on small cases."""
 
-import itertools
-
 import pytest
 
 from pipeline.plan import batches_to_skip, plan_epoch, split_evenly
