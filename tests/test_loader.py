@@ -176,3 +176,34 @@ def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
         list(loader)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"cannot read {tmp_path}/batch-2.tar")
+
+
+def _rank_keys(rank, world_size, init_file, urls, out):
+    """One gloo rank: rank and world size come from torch.distributed, not from arguments."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        loader = make_loader(urls, batch_size=2, workers=1, image_size=SIZE, train=False)
+        out.put((rank, len(loader), _keys(loader)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_and_world_size_come_from_torch_distributed(one_shard_dir, seed_dataset, tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    urls = _all_shards(one_shard_dir)
+    ranks = [context.Process(target=_rank_keys, args=(r, 2, tmp_path / "init", urls, out)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    results = sorted(out.get(timeout=60) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    (_, length0, keys0), (_, length1, keys1) = results
+    assert length0 == length1
+    assert not set(keys0) & set(keys1) and keys0 and keys1
+    truncated = set(seed_dataset[1]["faults"]["truncated"])
+    assert set(keys0) | set(keys1) == set().union(*map(_shard_keys, urls)) - truncated
