@@ -12,9 +12,9 @@ import time
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import pytest
+import servers  # tests/servers.py: pytest puts this folder on the path
 
 from pipeline import PipelineError, make_loader, schema
-from tests import servers
 
 BUCKET = "bucket"
 ACCESS_KEY, SECRET_KEY = "pipeline-test-access", "pipeline-test-secret"
