@@ -5,10 +5,12 @@ sleeps) and is always stopped on exit. Each yields its base URL.
 """
 
 import contextlib
+import ctypes
 import http.server
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,9 +47,15 @@ def _wait_until_ready(url: str, process: subprocess.Popen | None = None) -> None
     raise RuntimeError(f"server for {url} did not answer within {READY_TIMEOUT:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to stop it when the test process dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
-def _process(args: list, url: str, **popen):
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+def _process(args: list, url: str):
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=_die_with_parent)
     try:
         _wait_until_ready(url, process)
         yield url
