@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from pipeline import schema
-from pipeline.augment import augment, draw_params, resize_only, sample_rng
+from pipeline.augment import AUG_FIELDS, draw, fit, sample_rng
 from pipeline.decode import BadSample, check, decode
 from pipeline.plan import Slot, batch_index
 from pipeline.tario import read_samples
@@ -25,6 +25,7 @@ from pipeline.tario import read_samples
 # Batch dict fields (the API) for each shard member.
 FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
 CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
+AUG = "aug"  # train batches: each sample's draw (augment.AUG_FIELDS), applied by pipeline.device
 INDEX, SKIPPED = "_index", "_skipped"  # private fields the Loader pops
 
 
@@ -88,7 +89,7 @@ class _SlotStream:
             capacity = min(planned, max(1, (self.slot.num_samples - self.pulled) // batches_left))
         else:
             capacity = planned
-        images = _new_batch(capacity, self.config.image_size) if decode_it else None
+        images = _new_batch(capacity, self.config.image_size, self.config.train) if decode_it else None
         keys = []
         if self.config.train:
             while len(keys) < capacity and (sample := self._next()) is not None:
@@ -108,12 +109,9 @@ class _SlotStream:
                 check(sample.members)
             else:
                 decoded = decode(sample.members)
-                slots = {member: tensor[len(keys)] for member, tensor in images.items()}
+                fit(decoded, self.config.image_size, out={member: images[member][len(keys)] for member in CHANNELS})
                 if self.config.train:
-                    params = draw_params(sample_rng(self.config.seed, self.config.epoch, sample.key))
-                    augment(decoded, params, self.config.image_size, out=slots)
-                else:
-                    resize_only(decoded, self.config.image_size, out=slots)
+                    images[AUG][len(keys)] = torch.tensor(draw(sample_rng(self.config.seed, self.config.epoch, sample.key)))
             keys.append(sample.key)
         except BadSample as reason:
             skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
@@ -124,23 +122,27 @@ class _SlotStream:
             skipped = []
             keys, images = self._fill(planned, len(sizes) - i, i >= skip, skipped)
             if i >= skip:
-                batch = {FIELDS[member]: tensor[:len(keys)] for member, tensor in images.items()}
+                batch = {FIELDS.get(member, member): tensor[:len(keys)] for member, tensor in images.items()}
                 yield batch | {"key": keys, INDEX: batch_index(i, self.worker, self.config.workers),
                                SKIPPED: skipped}
 
 
-def _new_batch(count: int, size: int) -> dict[str, torch.Tensor]:
-    """Uninitialised uint8 images for `count` samples; in a worker process they live in shared
-    memory already, so handing the batch to the main process copies nothing."""
-    shared = get_worker_info() is not None
+def _new_batch(count: int, size: int, train: bool) -> dict[str, torch.Tensor]:
+    """Uninitialised images (RGB channels-last, as decoded) for `count` samples, plus their
+    augmentation draws in train mode; in a worker process they live in shared memory already, so
+    handing the batch to the main process copies nothing."""
+    shapes = {member: (count, size, size, channels) for member, channels in CHANNELS.items()}
+    if train:
+        shapes[AUG] = (count, len(AUG_FIELDS))
     batch = {}
-    for member, channels in CHANNELS.items():
-        shape = (count, channels, size, size)
-        if shared:  # as torch's default_collate allocates its batches
-            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
-            batch[member] = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    for member, shape in shapes.items():
+        dtype = torch.float32 if member == AUG else torch.uint8
+        if get_worker_info() is not None:  # as torch's default_collate allocates its batches
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+            tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)
         else:
-            batch[member] = torch.empty(shape, dtype=torch.uint8)
+            tensor = torch.empty(shape, dtype=dtype)
+        batch[member] = tensor if member == AUG else tensor.permute(0, 3, 1, 2)
     return batch
 
 

@@ -115,9 +115,12 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
                 retries: int = 5, retry_wait: float = 1.0) -> Loader:
     """A Loader over this rank's share of one epoch of shards.
 
-    Each batch is a dict: ``bg``, ``bgfg`` uint8 [B,3,H,W]; ``mask`` uint8 [B,1,H,W] (0/1);
-    ``depth`` uint8 [B,1,H,W] (0..255, larger = farther); ``key`` list of str; H = W =
-    image_size. Convert to float on the training device.
+    Each batch is a dict: ``bg``, ``bgfg`` uint8 [B,3,H,W] (channels-last in memory);
+    ``mask`` uint8 [B,1,H,W] (0/1); ``depth`` uint8 [B,1,H,W] (0..255, larger = farther);
+    ``key`` list of str; H = W = image_size; in train mode also ``aug`` float32 [B,8], each
+    sample's augmentation draw (pipeline.augment.AUG_FIELDS: flip, crop box, jitter factors).
+    pipeline.to_device(batch, device) makes the floats on the training device and applies the
+    draw there to all four images at once (the images in the batch are not yet augmented).
 
     urls: brace pattern, glob, fsspec URL or a list of them. rank/world_size: explicit
     values win, else torch.distributed's when initialised, else 0 and 1. Every rank gets

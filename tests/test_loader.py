@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import convert_zips
-from pipeline import PipelineError, make_loader, schema
+from pipeline import PipelineError, make_loader, schema, to_device
+from pipeline.augment import AUG_FIELDS
+from pipeline.device import augment
 
 SIZE = 32  # output side: small keeps the suite fast, and differs from the 64 px input
 
@@ -102,22 +104,41 @@ def _iou(a, b):
 def test_augmentation_keeps_the_four_images_aligned(shard_dir):
     urls = [str(shard_dir / name) for name in _names(shard_dir, schema.TRAIN_PREFIX)]
     loader = make_loader(urls, batch_size=4, workers=0, image_size=48, train=True, seed=1)
-    aligned, shifted = [], []
+    aligned, shifted, flips, crops = [], [], 0, 0
     for batch in loader:
         assert batch["bg"].shape[1:] == batch["bgfg"].shape[1:] == (3, 48, 48)
         assert batch["mask"].shape[1:] == batch["depth"].shape[1:] == (1, 48, 48)
         assert batch["mask"].dtype == batch["depth"].dtype == torch.uint8
-        assert set(batch["mask"].unique().tolist()) <= {0, 1}
+        assert batch["aug"].shape == (len(batch["key"]), len(AUG_FIELDS))
+        flips += int(batch["aug"][:, AUG_FIELDS.index("flip")].sum())
+        crops += int((batch["aug"][:, AUG_FIELDS.index("height")] < 1).sum())
+        images = to_device(batch, "cpu")
+        assert set(images["mask"].unique().tolist()) <= {0.0, 1.0}
         # The pasted object is where bg and bgfg differ, so the composite recovers the mask.
-        changed = (batch["bgfg"].int() - batch["bg"].int()).abs().amax(1, keepdim=True) > 40
-        mask = batch["mask"].bool()
+        changed = (images["bgfg"] - images["bg"]).abs().amax(1, keepdim=True) > 40
+        mask = images["mask"].bool()
         for i in range(len(mask)):
             aligned.append(_iou(changed[i], mask[i]))
             shifted.append(_iou(changed[i], mask[i].flip(-1)))
             # The object is nearer (smaller depth) than the background around it.
-            assert batch["depth"][i][mask[i]].float().mean() < batch["depth"][i][~mask[i]].float().mean()
+            assert images["depth"][i][mask[i]].mean() < images["depth"][i][~mask[i]].mean()
+    assert flips > 0 and crops > 0  # the draws really move the images
     assert min(aligned) > 0.6
     assert sum(aligned) / len(aligned) > sum(shifted) / len(shifted) + 0.3
+
+
+def test_device_augmentation_crops_flips_and_jitters_as_drawn():
+    ramp = torch.arange(64.0).view(1, 1, 8, 8)
+    images = {"bg": ramp.repeat(2, 3, 1, 1), "bgfg": ramp.repeat(2, 3, 1, 1) + 1,
+              "mask": (ramp > 30).float().repeat(2, 1, 1, 1), "depth": ramp.repeat(2, 1, 1, 1)}
+    same = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    flipped_half = [1.0, 0.0, 0.5, 1.0, 0.5, 1.2, 1.0, 1.0]  # right half, mirrored, brighter
+    out = augment(images, torch.tensor([same, flipped_half]))
+    assert torch.equal(out["depth"][0], ramp[0]) and torch.equal(out["mask"][0], images["mask"][0])
+    right_half_mirrored = ramp[0, :, :, 4:].flip(-1)
+    assert torch.allclose(out["depth"][1][..., ::2], right_half_mirrored, atol=0.51)
+    assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(out["bgfg"][1] - out["bg"][1], torch.full_like(out["bg"][1], 1.2), atol=1e-4)
 
 
 def _rewrite(src, dst, change):

@@ -3,21 +3,22 @@
 import torch
 
 from model import LossWeights, SegDepthMetrics, to_input, total_loss
-from pipeline import make_loader
+from pipeline import make_loader, to_device
 
 from .distributed import all_sum
 
 
 def prepare_batch(batch: dict, device: torch.device, channels_last: bool = False):
-    """uint8 loader batch -> (network input, mask target 0/1, depth target 0..1) on `device`.
+    """Loader batch -> (network input, mask target 0/1, depth target 0..1) on `device`.
 
-    The conversion to float happens after the copy, so only bytes cross the bus.
+    The conversion to float and the augmentation happen after the copy, so only bytes cross
+    the bus and no worker spends a core on per-pixel float work.
     """
-    move = lambda name: batch[name].to(device, non_blocking=True)  # noqa: E731
-    x = to_input(move("bgfg"), move("bg"))
+    images = to_device(batch, device)  # train batches are augmented there
+    x = to_input(images["bgfg"], images["bg"])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, move("mask").float(), move("depth").float().div_(255)
+    return x, images["mask"], images["depth"].div_(255)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
