@@ -52,7 +52,7 @@ demo: setup
 	$(PY) -m pipeline.synthetic --out $(DEMO)/dataset --zips 4 --bgs-per-zip 5 --fg 20 --placements 4 --seed 0
 	$(PY) convert_zips.py --dataset $(DEMO)/dataset --out $(DEMO)/shards --val-fraction 0.1
 	$(PY) train.py --shards '$(DEMO)/shards/batch-{1..4}.tar' --out $(DEMO)/run --device cpu \
-	  --image-size 64 --width 16 --batch-size 16 --workers 1 --steps 600 --minutes 3.5 --val-every 150 --save-every 150
+	  --image-size 64 --width 16 --batch-size 16 --workers 1 --steps 700 --minutes 3.5 --val-every 175 --save-every 175
 	$(PY) predict.py --checkpoint $(DEMO)/run/best.pt --shard $(DEMO)/shards/val-1.tar --limit 4 --out $(DEMO)/predict
 	@echo "demo: previews in $(DEMO)/run/previews, metrics in $(DEMO)/run/metrics.jsonl, predictions in $(DEMO)/predict"
 
