@@ -112,7 +112,7 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_input(bgfg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] pair -> the normalised float [B,6,H,W] the network reads (on their device)."""
+    """[B,3,H,W] pair on the 0..255 scale (uint8 or float) -> the normalised float [B,6,H,W] input."""
     x = torch.cat([bgfg, bg], dim=1).float().div_(255)
     mean, std = _normalisation(x.device)
     return (x - mean) / std
