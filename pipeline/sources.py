@@ -51,8 +51,11 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
             elif _is_local(url):
                 matches.extend(sorted(glob.glob(url)))
             else:
-                fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-                matches.extend(fs.unstrip_protocol(p) for p in sorted(fs.glob(path)))
+                try:
+                    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+                    matches.extend(fs.unstrip_protocol(p) for p in sorted(fs.glob(path)))
+                except Exception as error:  # fsspec backends raise their own client errors
+                    raise PipelineError(f"cannot list {url}: {type(error).__name__}: {error}") from error
         if not matches:
             raise PipelineError(f"shard pattern {pattern!r} matches nothing")
         found.extend(matches)
@@ -74,7 +77,9 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
         with open_shard(manifest_url, storage_options, retries=2, retry_wait=0.5) as f:
             return json.loads(f.read())
     except PipelineError as error:
-        if isinstance(error.__cause__, FileNotFoundError):
+        # fsspec's HTTP reports a refused connection as FileNotFoundError too: that one is
+        # transient, failed every retry, and must surface rather than read as "no manifest".
+        if isinstance(error.__cause__, FileNotFoundError) and not _is_transient(error.__cause__):
             return None
         raise
     except json.JSONDecodeError as error:

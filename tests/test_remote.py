@@ -123,6 +123,14 @@ def test_unreachable_server_names_the_url_quickly():
     assert time.monotonic() - started < 5
 
 
+def test_unreachable_server_is_not_mistaken_for_a_missing_manifest():
+    base = f"http://127.0.0.1:{servers.free_port()}/{BUCKET}"  # nothing listens there
+    with pytest.raises(PipelineError, match=f"cannot read {base}/{schema.MANIFEST} after"):
+        make_loader(f"{base}/batch-1.tar", batch_size=2, workers=0, **FAST_FAIL)
+    with pytest.raises(PipelineError, match=f"cannot list {base}/val-\\*.tar"):
+        make_loader(f"{base}/val-*.tar", batch_size=2, workers=0, **FAST_FAIL)
+
+
 def test_connection_dropped_mid_shard_is_retried_and_nothing_is_lost(served_root, shard_dir, local_keys):
     with servers.dropping_http(served_root, drop_after=20_000) as (base, requests):
         keys = _eval_keys(_pattern(base, shard_dir), retries=2, retry_wait=0.01)
