@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/convert.py
 	$(PY) bench/loader.py
 	$(PY) bench/quality.py
+	$(PY) bench/train_speed.py
 
 demo: setup
 	rm -rf $(DEMO)
