@@ -157,6 +157,7 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path, capsys):
     with _zip(out, schema.zip_name(1)) as archive:
         depth = [n for n in archive.namelist() if n.startswith(schema.DEPTH_DIR + "/") and n[-1] != "/"]
         assert len(depth) == 2 and Image.open(io.BytesIO(archive.read(depth[0]))).size == (16, 16)
+    capsys.readouterr()  # the successful run's progress bar
     assert synthetic.main(["--out", str(tmp_path / "e"), "--zips", "0"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
