@@ -58,14 +58,15 @@ def train(args, ctx: distributed.Context) -> None:
     say = tqdm.write if ctx.is_main else (lambda *_: None)
     out = Path(args.out)
     prepare_run_folder(out, resume=args.resume, rank=ctx.rank)
-    train_urls = expand_urls(args.shards)
+    train_urls = expand_urls(args.shards, args.storage_options)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
                        pin_memory=ctx.device.type == "cuda")
-    steps_per_epoch = len(make_loader(train_urls, train=True, epoch=0, **loader_args))
-    if steps_per_epoch == 0:
-        raise UserError(f"--shards {args.shards} hold less than one batch of {args.batch_size} per rank")
-    val_urls = [] if args.no_val else find_val_shards(args.shards, args.val_shards, args.storage_options)
+    # Epoch 0's loader tells the epoch length (it raises when a rank gets no batch) and, unless
+    # resuming elsewhere, is the one the loop runs: its manifest read and probe happen once.
+    loader = make_loader(train_urls, train=True, epoch=0, **loader_args)
+    steps_per_epoch = len(loader)
+    val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
     say(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
     config = UNetConfig(width=args.width)
@@ -101,6 +102,8 @@ def train(args, ctx: distributed.Context) -> None:
             say(f"warning: resuming with different loader settings ({state['loader']} -> {loader_identity}); "
                 f"the rest of epoch {epoch} may repeat or miss samples")
         say(f"resumed from {out / 'last.pt'} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        if (epoch, batch_in_epoch) != (0, 0):
+            loader = None  # the loop builds the one that starts where the run stopped
         if step >= total_steps:
             say(f"nothing to do: {out / 'last.pt'} is at step {step} and the run asks for {total_steps} steps")
             return
@@ -144,7 +147,8 @@ def train(args, ctx: distributed.Context) -> None:
     window = Window()
     last_validated, stop = -1, False
     while step < total_steps and not stop:
-        loader = make_loader(train_urls, train=True, epoch=epoch, start_batch=batch_in_epoch, **loader_args)
+        if loader is None:
+            loader = make_loader(train_urls, train=True, epoch=epoch, start_batch=batch_in_epoch, **loader_args)
         epoch_len, skipped_this_epoch = len(loader) + batch_in_epoch, 0
         batches = iter(loader)
         while step < total_steps and not stop:
@@ -182,7 +186,7 @@ def train(args, ctx: distributed.Context) -> None:
         if batch is None:  # the epoch ran out (not a step limit): the next one starts from its top
             skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
             skipped_this_epoch = 0
-            epoch, batch_in_epoch = epoch + 1, 0
+            epoch, batch_in_epoch, loader = epoch + 1, 0, None
     bar.close()
     if val_urls and last_validated != step:
         validate()
