@@ -11,6 +11,7 @@ import torch
 import train
 from model import UNet, UNetConfig, total_loss
 from pipeline import make_loader
+from training import steps
 from training.steps import prepare_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,19 @@ def test_overfitting_one_batch_drives_the_loss_down(shard_dir):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 4, losses[::10]
+
+
+def test_evaluate_passes_over_an_empty_batch(shard_dir, monkeypatch):
+    batch = next(iter(make_loader(f"{shard_dir}/val-1.tar", batch_size=2, workers=0, image_size=64, train=False)))
+    empty = {name: value[:0] for name, value in batch.items()}
+    model = UNet(UNetConfig(width=4))
+
+    def score(batches):
+        monkeypatch.setattr(steps, "make_loader", lambda *args, **kwargs: iter(batches))
+        return steps.evaluate(model, ["unused"], {}, torch.device("cpu"))[0]
+
+    alone, with_empty = score([batch]), score([empty, batch, empty])
+    assert with_empty == alone and with_empty["samples"] == 2
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -55,6 +55,8 @@ def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels
     metrics = SegDepthMetrics(device)
     loss_sum, count, preview = 0.0, 0, None
     for batch in make_loader(urls, train=False, epoch=0, **loader_args):
+        if len(batch["key"]) == 0:  # a rank with fewer samples than batches gets empty ones
+            continue
         x, mask, depth = prepare_batch(batch, device, channels_last)
         with autocast(device, amp_dtype):
             logits, depth_pred = model(x)
