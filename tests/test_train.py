@@ -1,6 +1,7 @@
 """train.py end to end on the tiny shards of conftest: learning, resume, DDP, bad input."""
 
 import json
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch
 
 import train
 from model import UNet, UNetConfig, total_loss
-from pipeline import make_loader
-from training import steps
+from pipeline import PipelineError, make_loader, schema
+from training import runfolder, steps
 from training.steps import prepare_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,24 @@ def test_evaluate_passes_over_an_empty_batch(shard_dir, monkeypatch):
 
     alone, with_empty = score([batch]), score([empty, batch, empty])
     assert with_empty == alone and with_empty["samples"] == 2
+
+
+def test_val_shards_come_from_the_manifest_or_a_listing_that_must_not_fail_silently(shard_dir, tmp_path, monkeypatch):
+    manifest = json.loads((shard_dir / schema.MANIFEST).read_text())
+    as_map = {"shards": {e["name"]: e for e in manifest["shards"]}}  # the other form readers accept
+    (tmp_path / schema.MANIFEST).write_text(json.dumps(as_map))
+    assert runfolder.find_val_shards([f"{tmp_path}/batch-1.tar"], None, None) == [f"{tmp_path}/val-1.tar"]
+    (tmp_path / schema.MANIFEST).unlink()
+    assert runfolder.find_val_shards([f"{tmp_path}/batch-1.tar"], None, None) == []  # no val-*.tar: no validation
+    shutil.copy(shard_dir / "val-1.tar", tmp_path)
+    assert runfolder.find_val_shards([f"{tmp_path}/batch-1.tar"], None, None) == [f"{tmp_path}/val-1.tar"]
+
+    def unreachable(pattern, storage_options=None):
+        raise PipelineError(f"cannot list {pattern}: ConnectionError") from ConnectionRefusedError()
+
+    monkeypatch.setattr(runfolder, "expand_urls", unreachable)
+    with pytest.raises(PipelineError, match="--no-val"):
+        runfolder.find_val_shards([f"{tmp_path}/batch-1.tar"], None, None)
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
