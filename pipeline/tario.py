@@ -51,9 +51,9 @@ def _pax_path(data: bytes) -> str | None:
 
 
 def iter_members(stream, want):
-    """Yield (name, data) for the regular files of a tar stream; data is None unless want(name).
-
-    Unwanted data is read past, never kept. Raises TarFormatError on a damaged stream.
+    """Yield (key, suffix, data) for the regular files of a tar stream; data is None unless
+    want(key, suffix). Unwanted data is read past, never kept. Raises TarFormatError on a
+    damaged stream.
     """
     long_name = None
     while True:
@@ -77,50 +77,53 @@ def iter_members(stream, want):
         if kind not in (b"0", b"\0", b"7"):  # directories, links and the like hold no sample data
             _read_exactly(stream, padded)
             continue
-        if not want(name):
-            _read_exactly(stream, padded)
-            yield name, None
-            continue
-        data = _read_exactly(stream, padded)
-        yield name, data[:size] if padded != size else data
+        key, suffix = schema.split_member(name)
+        data = _read_exactly(stream, size) if want(key, suffix) else None
+        _read_exactly(stream, padded - size if data is not None else padded)  # padding, or all of it
+        yield key, suffix, data
 
 
-def read_samples(url: str, start: int, stop: int, storage_options: dict | None = None, *,
+def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
                  wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0):
-    """Yield samples number start..stop-1 of a shard, reading only as far as needed.
+    """Yield samples number start..stop-1 of a shard (stop None: to its end), reading only as
+    far as needed.
 
     Members of samples before `start` are streamed past without being kept, members not in
-    `wanted` are skipped. A tar that ends early (or holds fewer samples than `stop`) ends
-    with a Sample whose `error` is set, so the caller can report it and go on.
+    `wanted` are skipped. A shard that breaks off marks the sample it broke in with `error`
+    (or, between samples, ends with a Sample carrying only the `error`), and one that ends
+    cleanly before `stop` ends with such an error Sample too, so the caller can report it
+    and go on.
     """
-    index, key, current, broken = -1, None, None, None
+    index, key, current, broken, short = -1, None, None, None, None
+    end = float("inf") if stop is None else stop
 
-    def want(name):  # is this member's sample in range, and is it a member we use?
-        member_key, suffix = schema.split_member(name)
+    def want(member_key, suffix):  # is this member's sample in range, and one we use?
         member_index = index + (member_key != key)
-        return start <= member_index < stop and suffix in wanted
+        return start <= member_index < end and suffix in wanted
 
     with open_shard(url, storage_options, retries=retries, retry_wait=retry_wait) as stream:
         try:
-            for name, data in iter_members(stream, want):
-                member_key, suffix = schema.split_member(name)
+            for member_key, suffix, data in iter_members(stream, want):
                 if member_key != key:
                     if current is not None:
                         yield current
                         current = None
                     index, key = index + 1, member_key
-                    if index >= stop:
+                    if index >= end:
                         break
                     if index >= start:
                         current = Sample(key, url)
                 if current is not None and data is not None:
                     current.members[suffix] = data
             else:
-                if index + 1 < stop:
-                    broken = f"shard holds {index + 1} samples, {stop} expected"
+                if stop is not None and index + 1 < stop:
+                    short = f"shard holds {index + 1} samples, {stop} expected"
         except TarFormatError as error:
-            broken = f"shard ends early after sample {index + 1}: {error}"
+            broken = f"shard ends early: {error}"
     if current is not None:
+        current.error = broken  # the sample it broke off in, if it broke
         yield current
-    if broken is not None:
+    elif broken is not None:
         yield Sample(key or "", url, error=broken)
+    if short is not None:
+        yield Sample(key or "", url, error=short)

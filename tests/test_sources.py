@@ -54,13 +54,17 @@ def test_read_samples_streams_a_range_and_reports_a_cut_off_shard(shard_dir, tmp
     assert all(s.error is None and set(s.members) <= set(schema.IMAGE_MEMBERS) for s in every[:-1])
     assert every[-1].error is not None and "expected" in every[-1].error  # fewer than 10**9
     keys = [s.key for s in every[:-1]]
+    whole = list(read_samples(path, 0))  # no stop: to the end, no count to check
+    assert [s.key for s in whole] == keys and all(s.error is None for s in whole)
     assert [s.key for s in read_samples(path, 2, 5)] == keys[2:5]
     with tarfile.open(path) as tar:
-        cut = tar.getmembers()[6].offset_data + 100  # inside sample 2's third member
+        cut = tar.getmembers()[6].offset_data + 100  # inside the second member of sample 1
     (tmp_path / "cut.tar").write_bytes(open(path, "rb").read()[:cut])
     cut_samples = list(read_samples(str(tmp_path / "cut.tar"), 0, len(keys)))
-    assert [s.key for s in cut_samples[:2]] == keys[:2]
-    assert cut_samples[-1].error.startswith("shard ends early")
+    # One record per sample met: the whole sample 0, then sample 1, which the shard broke off in.
+    assert [s.key for s in cut_samples] == keys[:2]
+    assert cut_samples[0].error is None
+    assert cut_samples[1].error.startswith("shard ends early: cut off inside a member")
 
 
 def test_retrying_stream_reads_the_file_verbatim_and_names_a_missing_one(shard_dir):
