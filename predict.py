@@ -87,7 +87,8 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
 def shard_pairs(url: str, limit: int | None, storage_options):
     """(key, bg bytes, bgfg bytes) for the first `limit` complete samples of a shard."""
     wanted = (schema.BG, schema.BGFG)
-    for sample in read_samples(url, 0, sys.maxsize, storage_options, wanted=wanted):
+    # stop=None: to the end of the shard with no count to check; `limit` counts complete samples only.
+    for sample in read_samples(url, 0, None, storage_options, wanted=wanted):
         if limit is not None and limit <= 0:
             return
         if sample.error or set(sample.members) != set(wanted):

@@ -1,6 +1,7 @@
 """predict.py writes mask/depth images at the input's size for a pair, a folder and a shard."""
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,15 @@ def test_shard_input_writes_the_first_samples_by_key(checkpoint, pair_images, sh
     assert sorted(p.name for p in out.iterdir()) == sorted(key for key, _, _ in pair_images)
     for key, _, bgfg in pair_images:
         check_outputs(out / key, bgfg.size)
+
+
+def test_whole_shard_gives_every_sample_and_no_warning(checkpoint, shard_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(checkpoint), "--shard", f"{shard_dir}/val-1.tar", "--out", str(out)]) == 0
+    manifest = json.loads((shard_dir / schema.MANIFEST).read_text())
+    (expected,) = [e["samples"] for e in manifest["shards"] if e["name"] == "val-1.tar"]
+    assert len(list(out.iterdir())) == expected
+    assert "skipping" not in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys):
