@@ -1,9 +1,11 @@
-"""One (rank, worker) slot of the epoch plan to batches: read, shuffle, check, decode, augment.
+"""One (rank, worker) slot of the epoch plan to batches: read, shuffle, check, decode, fit to
+size, and draw each sample's augmentation (applied later, on the device, by pipeline.device).
 
 A slot always yields exactly its planned number of batches, whatever the data holds, so
 every rank takes the same number of steps. A bad sample is skipped and reported; in train
-mode its place is taken by one of the slot's spare samples, and only when the spares run out
-do batches get smaller (never fewer). In eval mode a batch holds exactly its planned samples
+mode its place is taken by one of the slot's spare samples, only when the spares run out do
+batches get smaller, and when the stream runs dry (a cut-off shard) the last batch repeats
+rather than a step going missing. In eval mode a batch holds exactly its planned samples
 minus the bad ones. Batches skipped for a resume are composed with the cheap JPEG checks
 only, so a resumed stream matches the original unless a sample passed those checks and
 still failed to decode in a skipped batch.
@@ -19,6 +21,7 @@ from torch.utils.data import get_worker_info
 from pipeline import schema
 from pipeline.augment import AUG_FIELDS, draw, fit, sample_rng
 from pipeline.decode import BadSample, check, decode
+from pipeline.errors import PipelineError
 from pipeline.plan import Slot, batch_index
 from pipeline.tario import read_samples
 
@@ -117,14 +120,21 @@ class _SlotStream:
             skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
 
     def batches(self, skip: int):
-        sizes = self.slot.batch_sizes
+        sizes, last = self.slot.batch_sizes, None
         for i, planned in enumerate(sizes):
             skipped = []
             keys, images = self._fill(planned, len(sizes) - i, i >= skip, skipped)
-            if i >= skip:
-                batch = {FIELDS.get(member, member): tensor[:len(keys)] for member, tensor in images.items()}
-                yield batch | {"key": keys, INDEX: batch_index(i, self.worker, self.config.workers),
-                               SKIPPED: skipped}
+            if i < skip:
+                continue
+            if keys or not self.config.train:
+                last = {FIELDS.get(member, member): tensor[:len(keys)] for member, tensor in images.items()}
+                last["key"] = keys
+            elif last is None:  # a slot whose stream gave nothing usable at all
+                shards = ", ".join(self.config.urls[shard] for shard, _, _ in self.slot.ranges)
+                raise PipelineError(f"no readable sample in {shards} ({len(skipped)} skipped)")
+            # else: the stream ended early (a cut-off shard, a manifest counting too many). Every
+            # rank must still take its planned steps, so the last batch goes round again.
+            yield last | {INDEX: batch_index(i, self.worker, self.config.workers), SKIPPED: skipped}
 
 
 def _new_batch(count: int, size: int, train: bool) -> dict[str, torch.Tensor]:

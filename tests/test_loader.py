@@ -199,6 +199,17 @@ def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
     assert "\n" not in message and message.startswith(f"cannot read {tmp_path}/batch-2.tar")
 
 
+def test_a_shard_shorter_than_planned_still_gives_every_planned_batch(shard_dir):
+    url = str(shard_dir / _names(shard_dir, schema.TRAIN_PREFIX)[0])
+    actual = _manifest(shard_dir)["shards"][0]["samples"]
+    loader = make_loader(url, batch_size=2, workers=0, image_size=SIZE, train=True,
+                         shard_sizes=[actual + 6])  # a manifest that counts 6 samples too many
+    batches = list(loader)
+    assert len(batches) == len(loader) == (actual + 6) // 2  # no rank may take fewer steps
+    assert all(len(batch["key"]) > 0 for batch in batches)
+    assert any("samples" in record["reason"] and "expected" in record["reason"] for record in loader.skipped)
+
+
 def _rank_keys(rank, world_size, init_file, urls, out):
     """One gloo rank: rank and world size come from torch.distributed, not from arguments."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
