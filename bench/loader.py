@@ -5,10 +5,13 @@ On one seed-size zip (5 backgrounds x 100 foregrounds x 20 placements = 10,000 s
 under --cache), one run measures:
   (a) decode_only: the same samples' four JPEGs decoded by torchvision in --workers
       processes from memory, nothing else (the ceiling for any loader doing this decode);
-  (b) make_loader end to end: --workers workers, --batch-size, train augmentation, on the
-      20-shard and on the 1-shard set, each in a fresh process whose peak memory (PSS of
-      all its processes together) is recorded: it must not grow with the number of shards;
-      also in eval mode (decode and resize, no augmentation) on 20 shards, for context;
+  (b) make_loader end to end: --workers workers, --batch-size, train mode (shuffle buffer,
+      decode, fit to size, augmentation draws; the draws are applied on the training device
+      by pipeline.to_device, which is not timed here), on the 20-shard and on the 1-shard
+      set, each in a fresh process whose peak memory (PSS of all its processes together) is
+      recorded: it must not grow with the number of shards; also in eval mode (no shuffle
+      buffer, no draws) on 20 shards, for context. Timed from the first batch on, as (a)
+      starts with its processes up; the first batch's latency is reported apart;
   (c) seed_zip_pil: the original approach, a map-style Dataset reading the zip directly with
       PIL and transforms.ToTensor, in a DataLoader with 1 worker (more broke the seed).
 Prints one JSON line: samples/s of each, ratio = (b) on 20 shards / (a), peak PSS in MiB,
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
     dataset, folders = prepare(args.cache, args.image_size)
     _log("(b) make_loader on 20 shards, then on 1 shard")
     many, one = loader_in_child(folders[20], args), loader_in_child(folders[1], args)
-    _log("(b') make_loader in eval mode (decode and resize only) on 20 shards")
+    _log("(b') make_loader in eval mode on 20 shards")
     evaluation = loader_in_child(folders[20], args, train=False)
     _log("(a) decode only")
     limit, limit_cpu = decode_only(_shard_urls(folders[1]), args.workers)

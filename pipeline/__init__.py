@@ -1,4 +1,4 @@
-"""Streaming shards (local or any fsspec URL) to decoded, augmented training batches.
+"""Streaming shards (local or any fsspec URL) to decoded batches, augmented on the device.
 
     from pipeline import make_loader, to_device
     loader = make_loader("shards/batch-{1..20}.tar", batch_size=64, workers=4, epoch=e)

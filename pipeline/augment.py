@@ -17,7 +17,6 @@ from torch.nn import functional as nn_functional
 from pipeline import schema
 
 AUG_FIELDS = ("flip", "top", "left", "height", "width", "brightness", "contrast", "saturation")
-_RGB_PAIR = (schema.BG, schema.BGFG)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
@@ -40,18 +39,9 @@ def draw(rng: random.Random, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), jitter: flo
     return (flip, *box, *(rng.uniform(1 - jitter, 1 + jitter) for _ in range(3)))
 
 
-def new_outputs(size: int) -> dict[str, torch.Tensor]:
-    """Empty uint8 output images of one sample (RGB channels-last: HWC in memory, as decoded)."""
-    rgb = lambda: torch.empty((size, size, 3), dtype=torch.uint8).permute(2, 0, 1)  # noqa: E731
-    return {name: rgb() if name in _RGB_PAIR else torch.empty((1, size, size), dtype=torch.uint8)
-            for name in schema.IMAGE_MEMBERS}
-
-
-def fit(images: dict[str, torch.Tensor], size: int,
-        out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def fit(images: dict[str, torch.Tensor], size: int, out: dict[str, torch.Tensor]) -> None:
     """Bring each decoded member to `size` x `size` (bilinear with antialiasing; the mask by
-    nearest neighbour, so it stays 0/1) and write it into `out` (e.g. slots of a batch)."""
-    out = new_outputs(size) if out is None else out
+    nearest neighbour, so it stays 0/1) and write it into `out` (the sample's batch slots)."""
     for name, image in images.items():
         if image.shape[-2:] != (size, size):
             if name == schema.MASK:
@@ -60,4 +50,3 @@ def fit(images: dict[str, torch.Tensor], size: int,
                 image = nn_functional.interpolate(image[None], size=(size, size), mode="bilinear",
                                                   antialias=True, align_corners=False)[0]
         out[name].copy_(image)
-    return out

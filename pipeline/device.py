@@ -50,6 +50,6 @@ def _crop_theta(column) -> torch.Tensor:
 def _jitter(x: torch.Tensor, b, c, s) -> torch.Tensor:
     """torchvision's adjust_brightness, _contrast, _saturation in that order, without clamping
     in between: with gray(x) the luma and m its mean, b*c*s*x + b*c*(1-s)*gray(x) + (1-c)*b*m."""
-    gray = (x * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
     offset = gray.mean((2, 3), keepdim=True) * ((1 - c) * b)
     return (x * (b * c * s) + gray * (b * c * (1 - s)) + offset).clamp_(0, 255)

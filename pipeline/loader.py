@@ -1,4 +1,4 @@
-"""make_loader: shard URLs to an iterable of decoded, augmented batches for one rank."""
+"""make_loader: shard URLs to an iterable of decoded batches (with their augmentation draws) for one rank."""
 
 import gc
 import logging
@@ -23,23 +23,11 @@ class _RankStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        if info is None:  # no worker processes: run every slot here, in delivery order
-            return _round_robin([self._batches(w) for w in range(len(self.slots))])
-        return self._batches(info.id)
+        return self._batches(0 if info is None else info.id)  # workers=0 plans a single slot
 
     def _batches(self, worker: int):
         skip = batches_to_skip(self.start_batch, worker, self.config.workers)
         return slot_batches(self.slots[worker], worker, self.config, skip)
-
-
-def _round_robin(streams):
-    while streams:
-        for stream in list(streams):
-            batch = next(stream, None)
-            if batch is None:
-                streams.remove(stream)
-            else:
-                yield batch
 
 
 def _init_worker(_worker_id: int) -> None:
@@ -144,7 +132,8 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     storage_options = dict(storage_options or {})
     url_list = expand_urls(urls, storage_options)
     sizes = find_shard_sizes(url_list, storage_options, shard_sizes)
-    with open_shard(url_list[0], storage_options, retries=retries, retry_wait=retry_wait) as probe:
+    # A peek, not a read: on an object store the default block would fetch 16 MiB per epoch.
+    with open_shard(url_list[0], storage_options, retries=retries, retry_wait=retry_wait, block_size=1 << 16) as probe:
         if len(probe.read(512)) < 512:
             raise PipelineError(f"{url_list[0]}: too short to be a tar shard")
     slot_count = max(workers, 1)

@@ -88,8 +88,7 @@ def _zip_entries(name: str, path: str) -> dict:
         key = schema.key_of(info.filename)
         by_folder = entries.setdefault(key, {})
         if folder in by_folder:
-            raise ConvertError(f"duplicate key {key} in {name} and {name} "
-                               f"({by_folder[folder].name} and {info.filename})")
+            raise ConvertError(f"duplicate key {key} in {name}: {by_folder[folder].name} and {info.filename}")
         by_folder[folder] = ZipMember(info.filename, info.header_offset, info.compress_size,
                                       info.file_size, info.CRC, info.compress_type)
     return entries

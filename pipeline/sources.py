@@ -167,9 +167,9 @@ class RetryingStream(io.RawIOBase):
     """
 
     def __init__(self, url: str, storage_options: dict | None = None, *,
-                 retries: int = 5, retry_wait: float = 1.0):
+                 retries: int = 5, retry_wait: float = 1.0, block_size: int = _OBJECT_STORE_BLOCK):
         super().__init__()
-        self.url, self.retries, self.retry_wait = url, retries, retry_wait
+        self.url, self.retries, self.retry_wait, self.block_size = url, retries, retry_wait, block_size
         self._options = dict(storage_options or {})
         self._offset = 0
         self._file = None
@@ -184,7 +184,7 @@ class RetryingStream(io.RawIOBase):
         elif protocols & {"file", "local"}:
             file = fs.open(path, "rb")
         else:
-            file = fs.open(path, "rb", block_size=_OBJECT_STORE_BLOCK, cache_type="readahead")
+            file = fs.open(path, "rb", block_size=self.block_size, cache_type="readahead")
         self._file = file
         if self._offset:
             self._resume(file)
@@ -250,7 +250,8 @@ class RetryingStream(io.RawIOBase):
 
 
 def open_shard(url: str, storage_options: dict | None = None, *, retries: int = 5,
-               retry_wait: float = 1.0) -> io.BufferedReader:
-    """A buffered, retrying, sequential reader of one shard."""
-    raw = RetryingStream(url, storage_options, retries=retries, retry_wait=retry_wait)
-    return io.BufferedReader(raw, buffer_size=_READ_CHUNK)
+               retry_wait: float = 1.0, block_size: int = _OBJECT_STORE_BLOCK) -> io.BufferedReader:
+    """A buffered, retrying, sequential reader of one shard; `block_size` is the size of each
+    ranged read from an object store (small for a peek at a shard's first bytes)."""
+    raw = RetryingStream(url, storage_options, retries=retries, retry_wait=retry_wait, block_size=block_size)
+    return io.BufferedReader(raw, buffer_size=min(_READ_CHUNK, block_size))
