@@ -136,6 +136,8 @@ def run(args) -> int:
         raise UserError("give exactly one input: --bg with --bgfg, --pairs FOLDER, or --shard URL")
     if args.limit is not None and not args.shard:
         raise UserError("--limit goes with --shard")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1")
     state = load(args.checkpoint)
     model = model_from_checkpoint(state)
     image_size = args.image_size or state["image_size"]

@@ -92,3 +92,6 @@ def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys
     assert predict.main(["--checkpoint", str(tmp_path / "not.pt"), "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not.pt" in err
+    assert predict.main(["--checkpoint", str(checkpoint), "--shard", "x.tar", "--limit", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--limit 0" in err
