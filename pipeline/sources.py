@@ -62,7 +62,7 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
     return found
 
 
-def _folder(url: str) -> str:
+def shard_folder(url: str) -> str:
     """The folder a shard URL lives in (or the URL itself when it is not a .tar)."""
     if not url.endswith(".tar"):
         return url.rstrip("/")
@@ -72,7 +72,7 @@ def _folder(url: str) -> str:
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     """The manifest.json beside a shard (or inside a folder URL), or None when there is none."""
-    manifest_url = f"{_folder(url)}/{schema.MANIFEST}"
+    manifest_url = f"{shard_folder(url)}/{schema.MANIFEST}"
     try:
         with open_shard(manifest_url, storage_options, retries=2, retry_wait=0.5) as f:
             return json.loads(f.read())
@@ -123,7 +123,7 @@ def shard_sizes(urls: list[str], storage_options: dict | None = None,
     counts_by_folder: dict[str, dict | None] = {}
     sizes = []
     for url in urls:
-        folder = _folder(url)
+        folder = shard_folder(url)
         if folder not in counts_by_folder:
             manifest = read_manifest(url, storage_options)
             counts_by_folder[folder] = manifest_counts(manifest) if manifest else None

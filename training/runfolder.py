@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pipeline import PipelineError, expand_urls, read_manifest, schema
-from pipeline.sources import _folder
+from pipeline.sources import shard_folder
 
 from . import UserError
 
@@ -39,7 +39,7 @@ def find_val_shards(train_urls: list[str], val_pattern: str | None, storage_opti
     """
     if val_pattern:
         return expand_urls(val_pattern, storage_options)
-    folder = _folder(train_urls[0])
+    folder = shard_folder(train_urls[0])
     manifest = read_manifest(train_urls[0], storage_options)
     if manifest:
         return [f"{folder}/{name}" for name in _val_names_in(manifest)]
