@@ -34,7 +34,7 @@ test-servers:
 
 # A full-size synthetic seed dataset (20 zips x 10,000 samples, like the real one) in DATASET.
 seed-data: setup
-	$(PY) -m pipeline.synthetic --out $(DATASET) --zips 20 --bgs-per-zip 5 --fg 100 --placements 20 --workers $(shell nproc)
+	$(PY) -m seedzips.synthetic --out $(DATASET) --zips 20 --bgs-per-zip 5 --fg 100 --placements 20 --workers $(shell nproc)
 
 shards: setup
 	$(PY) convert_zips.py --dataset $(DATASET) --out $(OUT)
@@ -50,7 +50,7 @@ bench: setup
 
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) -m pipeline.synthetic --out $(DEMO)/dataset --zips 4 --bgs-per-zip 5 --fg 20 --placements 4 --seed 0
+	$(PY) -m seedzips.synthetic --out $(DEMO)/dataset --zips 4 --bgs-per-zip 5 --fg 20 --placements 4 --seed 0
 	$(PY) convert_zips.py --dataset $(DEMO)/dataset --out $(DEMO)/shards --val-fraction 0.1
 	$(PY) train.py --shards '$(DEMO)/shards/batch-{1..4}.tar' --out $(DEMO)/run --device cpu \
 	  --image-size 64 --width 16 --batch-size 16 --workers 1 --steps 700 --minutes 3.5 --val-every 175 --save-every 175

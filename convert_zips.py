@@ -17,8 +17,10 @@ import time
 
 from tqdm import tqdm
 
-from pipeline import schema, tarwriter
-from pipeline.seedzips import ConvertError, index_dataset
+from pipeline import schema
+from seedzips import tarwriter
+from seedzips.errors import ConvertError
+from seedzips.index import index_dataset
 
 MANIFEST_VERSION = 1
 TEMPORARY = ".tmp"  # suffix of a shard or manifest being written; renamed away when complete

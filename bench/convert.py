@@ -21,7 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import schema, synthetic  # noqa: E402  (needs ROOT on the path)
+from pipeline import schema  # noqa: E402  (needs ROOT on the path)
+from seedzips import synthetic  # noqa: E402
 
 
 def _timed(command: list, cwd: str) -> float:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_zips  # noqa: E402
 import train  # noqa: E402
 from model import SegDepthMetrics  # noqa: E402
-from pipeline import make_loader, synthetic  # noqa: E402
+from pipeline import make_loader  # noqa: E402
+from seedzips import synthetic  # noqa: E402
 
 DATASET = dict(zips=4, bgs_per_zip=5, fg=20, placements=4, seed=1)  # 1,600 samples, 20 backgrounds
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convert_zips  # noqa: E402
 from model import UNet, UNetConfig, count_parameters  # noqa: E402
-from pipeline import make_loader, synthetic  # noqa: E402
+from pipeline import make_loader  # noqa: E402
+from seedzips import synthetic  # noqa: E402
 from training.steps import prepare_batch, train_step  # noqa: E402
 
 IMAGE_SIZE, BATCH = 224, 16

@@ -7,7 +7,7 @@ names instead of spelling them out, so the format is defined in exactly one plac
 import os
 import re
 
-# --- The seed dataset (what convert_zips.py reads and pipeline.synthetic writes) ---------
+# --- The seed dataset (what convert_zips.py reads and seedzips.synthetic writes) ---------
 ZIP_DIR = "zipFiles"
 ZIP_PATTERN = re.compile(r"^batch_(\d+)\.zip$")  # numeric order: batch_2 before batch_10
 BG_DIR = "bg"

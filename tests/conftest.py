@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline import synthetic
+from seedzips import synthetic
 
 # 2 zips x 2 backgrounds x 3 foregrounds x 2 placements = 24 samples, 3 of them faulty.
 SEED_DATASET = dict(zips=2, bgs_per_zip=2, fg=3, placements=2, seed=0, image_size=64,

@@ -7,15 +7,18 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 import webdataset
 
 import convert_zips
-from pipeline import schema, tarwriter
-from pipeline.seedzips import MEMBER_OF_FOLDER
+from pipeline import schema
+from seedzips import tarwriter
+from seedzips.index import MEMBER_OF_FOLDER
 
 
 def _manifest(out) -> dict:
@@ -287,3 +290,11 @@ def test_hidden_files_and_other_members_are_ignored(seed_dataset, shard_dir, sha
     assert manifest["skipped"] == _manifest(shard_dir)["skipped"]
     for entry in manifest["shards"]:
         assert filecmp.cmp(tmp_path / "out" / entry["name"], shard_dir / entry["name"], shallow=False)
+
+
+def test_the_write_side_never_imports_torch():
+    code = ("import sys, convert_zips, seedzips.index, seedzips.synthetic, seedzips.tarwriter; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

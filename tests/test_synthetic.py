@@ -1,4 +1,4 @@
-"""pipeline.synthetic keeps the seed layout, its quirks, and makes images a model can learn from."""
+"""seedzips.synthetic keeps the seed layout, its quirks, and makes images a model can learn from."""
 
 import io
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import schema, synthetic
+from pipeline import schema
+from seedzips import synthetic
 
 
 def _zip(dataset, name):

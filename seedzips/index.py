@@ -14,16 +14,13 @@ import zlib
 from typing import NamedTuple
 
 from pipeline import schema
+from seedzips.errors import ConvertError
 
 # Shard member fed by each zip folder (bg_fg_1 -> bgfg.jpg), following schema.SEED_FOLDERS.
 MEMBER_OF_FOLDER = {folder: next(m for m in schema.IMAGE_MEMBERS if m.split(".", 1)[0] == role)
                     for role, folder in schema.SEED_FOLDERS.items()}
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 _READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-
-
-class ConvertError(Exception):
-    """A user-facing, one-line problem with the input or output (no traceback wanted)."""
 
 
 class ZipMember(NamedTuple):
@@ -35,7 +32,9 @@ class ZipMember(NamedTuple):
     method: int
 
 
-class Sample(NamedTuple):
+class SeedSample(NamedTuple):
+    """One complete sample of the seed dataset: where its members are in its zip."""
+
     key: str
     zip_index: int
     bg_id: int
@@ -45,7 +44,7 @@ class Sample(NamedTuple):
 class DatasetIndex(NamedTuple):
     zips: list  # [(name, path, bytes)] in numeric batch order
     bg_sizes: dict  # background id -> bytes of bg/{id}_bg.jpg
-    samples: list  # complete Samples, sorted by key
+    samples: list  # complete SeedSamples, sorted by key
     skipped: list  # [{"key", "zip", "reason"}] sorted by key, zip
 
 
@@ -119,7 +118,7 @@ def index_dataset(dataset: str) -> DatasetIndex:
             skipped.append({"key": key, "zip": zips[zip_index][0], "reason": "missing " + ", ".join(missing)})
         else:
             members = tuple(by_folder[folder] for folder in schema.SEED_FOLDERS.values())
-            samples.append(Sample(key, zip_index, bg_id, members))
+            samples.append(SeedSample(key, zip_index, bg_id, members))
     samples.sort(key=lambda sample: sample.key)
     skipped.sort(key=lambda entry: (entry["key"], entry["zip"]))
     return DatasetIndex(zips, bg_sizes, samples, skipped)

@@ -5,7 +5,7 @@ ramp (so depth is visible in the image); foregrounds are coloured, striped shape
 composite is a foreground pasted on a background exactly at the mask, and its depth map is the
 background's ramp with the object nearer (smaller value; larger = farther) than what it covers.
 
-    python -m pipeline.synthetic --out data/seed --zips 2 --bgs-per-zip 5 --fg 100 --placements 20
+    python -m seedzips.synthetic --out data/seed --zips 2 --bgs-per-zip 5 --fg 100 --placements 20
 """
 
 import argparse

@@ -17,12 +17,13 @@ import signal
 import tarfile
 
 from pipeline import schema
-from pipeline.seedzips import MEMBER_OF_FOLDER, ConvertError, read_member
+from seedzips.errors import ConvertError
+from seedzips.index import MEMBER_OF_FOLDER, read_member
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # archives end padded to a whole record, as tar and tarfile do
 _SIZE, _CHKSUM = slice(124, 136), slice(148, 156)  # ustar header fields
-# Member suffixes of one sample in write order: the background, then Sample.members' folders.
+# Member suffixes of one sample in write order: the background, then SeedSample.members' folders.
 ZIP_SUFFIXES = tuple(MEMBER_OF_FOLDER[folder] for folder in schema.SEED_FOLDERS.values())
 assert (schema.BG,) + ZIP_SUFFIXES + (schema.META,) == schema.MEMBERS
 _PART_SAMPLES = (64, 1000)  # bounds of one worker task: small enough to balance, large to amortise
@@ -160,7 +161,7 @@ def _layout(path: str, records: list, part_samples: int) -> tuple[list, list]:
 
 
 def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on_part, on_shard) -> None:
-    """Write each (path, records) of `shards`, records being (Sample, bg bytes, json bytes).
+    """Write each (path, records) of `shards`, records being (SeedSample, bg size, json bytes).
 
     Calls on_part(samples) as parts finish and on_shard(path, sha256 hex) once a shard's file is
     complete, in completion order. Raises ConvertError (bad input) or OSError (output).
