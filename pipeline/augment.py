@@ -1,11 +1,14 @@
-"""Paired augmentation, worker side: one random draw per sample, and members fitted to size.
+"""Paired augmentation: one random draw per sample, applied to all four images at once.
 
-A worker decodes, brings each member to image_size (a half-size depth map, or all of them
-when training at a smaller size) and draws each sample's augmentation: a horizontal flip, a
-random resized crop box in fractions of the image, and brightness/contrast/saturation
-factors. The draw travels with the batch as `aug` rows (AUG_FIELDS) and pipeline.device
-applies it to all four images at once on the training device: per-pixel work that a GPU does
-for free and that cost a worker core three times what decoding the JPEGs did.
+Drawn in the workers, applied on the training device. A worker draws each sample's
+augmentation (a horizontal flip, a random resized crop box in fractions of the image, and
+brightness/contrast/saturation factors) from an RNG seeded by (seed, epoch, key), and the draw
+travels with the batch as `aug` rows (AUG_FIELDS) beside the uint8 images, which are decoded
+and fitted to size but not yet augmented. `Batch.to(device)` applies it there: one affine
+sampling grid per sample crops, resizes and flips bg, bgfg and depth (bilinear) and the mask
+(nearest, so it stays 0/1), and bg and bgfg get the same photometric jitter, computed from the
+bg's statistics for both, so their difference still shows only the pasted object. Per-pixel
+work in a worker cost three times the JPEG decode; on the training device it is free.
 """
 
 import math
@@ -14,11 +17,13 @@ import random
 import torch
 from torch.nn import functional as nn_functional
 
-from pipeline import schema
-
 AUG_FIELDS = ("flip", "top", "left", "height", "width", "brightness", "contrast", "saturation")
+IMAGES = ("bg", "bgfg", "mask", "depth")  # the batch fields that hold images
+_COLUMN = {name: i for i, name in enumerate(AUG_FIELDS)}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
+# --- Worker side: the draw ------------------------------------------------------------------
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     """The RNG of one sample's augmentation: independent of order, workers and skipping."""
     return random.Random(f"augment/{seed}/{epoch}/{key}")
@@ -39,14 +44,63 @@ def draw(rng: random.Random, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), jitter: flo
     return (flip, *box, *(rng.uniform(1 - jitter, 1 + jitter) for _ in range(3)))
 
 
-def fit(images: dict[str, torch.Tensor], size: int, out: dict[str, torch.Tensor]) -> None:
-    """Bring each decoded member to `size` x `size` (bilinear with antialiasing; the mask by
-    nearest neighbour, so it stays 0/1) and write it into `out` (the sample's batch slots)."""
-    for name, image in images.items():
-        if image.shape[-2:] != (size, size):
-            if name == schema.MASK:
-                image = nn_functional.interpolate(image[None], size=(size, size), mode="nearest-exact")[0]
-            else:
-                image = nn_functional.interpolate(image[None], size=(size, size), mode="bilinear",
-                                                  antialias=True, align_corners=False)[0]
-        out[name].copy_(image)
+# --- Device side: the draw applied --------------------------------------------------------
+class Batch(dict):
+    """One loader batch: ``bg``, ``bgfg`` uint8 [B,3,H,W], ``mask`` uint8 [B,1,H,W] (0/1),
+    ``depth`` uint8 [B,1,H,W], ``key`` list of str, and in train mode ``aug`` float32
+    [B, len(AUG_FIELDS)]: each sample's draw, NOT yet applied to the images.
+
+    Train on ``batch.to(device)``, which applies it; ``batch["bgfg"].cuda().float()`` would
+    train without augmentation.
+    """
+
+    @property
+    def augmented(self) -> bool:
+        """True when the batch carries draws that .to(device) applies (train mode)."""
+        return "aug" in self
+
+    def to(self, device, *, non_blocking: bool = True) -> dict[str, torch.Tensor]:
+        """The images as floats on `device`, augmented when the batch carries draws:
+        bg, bgfg [B,3,H,W] and depth [B,1,H,W] on the 0..255 scale, mask [B,1,H,W] 0/1."""
+        images = {name: self[name].to(device, non_blocking=non_blocking).float() for name in IMAGES}
+        if self.augmented:
+            images = apply(images, self["aug"].to(device, non_blocking=non_blocking))
+        return images
+
+
+def apply(images: dict[str, torch.Tensor], aug: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Apply draws `aug` [B, len(AUG_FIELDS)] to float images (see Batch.to)."""
+    columns = {name: aug[:, i].float() for name, i in _COLUMN.items()}
+    grid = nn_functional.affine_grid(_crop_theta(columns), list(images["mask"].shape), align_corners=False)
+    stacked = torch.cat([images["bg"], images["bgfg"], images["depth"]], 1)
+    bg, bgfg, depth = _resample(stacked, grid, "bilinear").split([3, 3, 1], 1)
+    factors = [columns[name].view(-1, 1, 1, 1) for name in ("brightness", "contrast", "saturation")]
+    # One contrast mean for both, the bg's: a mean of each image would offset bgfg - bg
+    # everywhere by (1 - contrast) * brightness * (mean(bgfg) - mean(bg)).
+    bg_mean = _gray(bg).mean((2, 3), keepdim=True)
+    return {"bg": _jitter(bg, bg_mean, *factors), "bgfg": _jitter(bgfg, bg_mean, *factors),
+            "mask": _resample(images["mask"], grid, "nearest"), "depth": depth}
+
+
+def _resample(images: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    # The crop never enlarges the field of view, so sampling needs no antialiasing.
+    return nn_functional.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def _crop_theta(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B,2,3] affine maps from output to input coordinates (-1..1) of each crop box + flip."""
+    top, left, height, width = (columns[name] for name in ("top", "left", "height", "width"))
+    sign = 1 - 2 * columns["flip"]
+    zero = torch.zeros_like(top)
+    return torch.stack([torch.stack([width * sign, zero, 2 * left + width - 1], 1),
+                        torch.stack([zero, height, 2 * top + height - 1], 1)], 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+
+
+def _jitter(x: torch.Tensor, mean: torch.Tensor, b, c, s) -> torch.Tensor:
+    """torchvision's adjust_brightness, _contrast, _saturation in that order, without clamping
+    in between, with the contrast mean m given: b*c*s*x + b*c*(1-s)*gray(x) + (1-c)*b*m."""
+    return (x * (b * c * s) + _gray(x) * (b * c * (1 - s)) + mean * ((1 - c) * b)).clamp_(0, 255)

@@ -1,5 +1,5 @@
 """One (rank, worker) slot of the epoch plan to batches: read, shuffle, check, decode, fit to
-size, and draw each sample's augmentation (applied later, on the device, by pipeline.device).
+size, and draw each sample's augmentation (applied later, on the device: pipeline.augment).
 
 A slot always yields exactly its planned number of batches, whatever the data holds, so
 every rank takes the same number of steps. A bad sample is skipped and reported; in train
@@ -11,7 +11,6 @@ only, so a resumed stream matches the original unless a sample passed those chec
 still failed to decode in a skipped batch.
 """
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -19,17 +18,18 @@ import torch
 from torch.utils.data import get_worker_info
 
 from pipeline import schema
-from pipeline.augment import AUG_FIELDS, draw, fit, sample_rng
-from pipeline.decode import BadSample, check, decode
+from pipeline.augment import AUG_FIELDS, draw, sample_rng
+from pipeline.decode import BadSample, check, decode, fit
 from pipeline.errors import PipelineError
 from pipeline.plan import Slot, batch_index
-from pipeline.tario import read_samples
+from pipeline.shardreader import read_samples
 
 # Batch dict fields (the API) for each shard member.
 FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
 CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
-AUG = "aug"  # train batches: each sample's draw (augment.AUG_FIELDS), applied by pipeline.device
+AUG = "aug"  # train batches: each sample's draw (augment.AUG_FIELDS), applied by Batch.to
 INDEX, SKIPPED = "_index", "_skipped"  # private fields the Loader pops
+ERROR = "_error"  # the only field of a worker's last record when its slot failed
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,22 @@ def _new_batch(count: int, size: int, train: bool) -> dict[str, torch.Tensor]:
     batch = {}
     for member, shape in shapes.items():
         dtype = torch.float32 if member == AUG else torch.uint8
-        if get_worker_info() is not None:  # as torch's default_collate allocates its batches
-            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
-            tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)
-        else:
-            tensor = torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype)
+        if get_worker_info() is not None:
+            tensor.share_memory_()  # before anything is written: it moves the storage, a copy of nothing
         batch[member] = tensor if member == AUG else tensor.permute(0, 3, 1, 2)
     return batch
 
 
 def slot_batches(slot: Slot, worker: int, config: StreamConfig, skip: int = 0):
     """Yield a slot's batches (with private INDEX and SKIPPED fields), the first `skip`
-    of them only counted through (checked, not decoded), not yielded."""
-    yield from _SlotStream(slot, worker, config).batches(skip)
+    of them only counted through (checked, not decoded), not yielded.
+
+    A PipelineError (storage that cannot be read) ends the slot with a record holding only
+    ERROR, its message: data the main process raises again, rather than an exception that
+    DataLoader would wrap in the worker's traceback.
+    """
+    try:
+        yield from _SlotStream(slot, worker, config).batches(skip)
+    except PipelineError as error:
+        yield {ERROR: str(error)}

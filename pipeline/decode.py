@@ -1,19 +1,23 @@
-"""Raw sample members to uint8 tensors, and the cheap checks that catch broken JPEGs.
+"""Raw sample members to uint8 tensors at the training size, and the cheap checks that catch
+broken JPEGs.
 
 libjpeg only warns on a truncated file and fills the rest with grey, so a JPEG must start
 with SOI and end with EOI (trailing zero padding allowed) before it is decoded at all.
+Members of another size (a half-size depth map, or all of them when training at a smaller
+size) are then fitted to the training size.
 """
 
 import functools
 import warnings
 
 import torch
+from torch.nn import functional as nn_functional
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import schema
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
-_MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
+MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
           schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
 MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
 
@@ -46,14 +50,14 @@ def decode(members: dict[str, bytes]) -> dict[str, torch.Tensor]:
         # decoder this project pins, and the warning would flood every worker's log.
         warnings.simplefilter("ignore", DeprecationWarning)
         images = {name: _decode_background(members[name]) if name == schema.BG else _decode(name, members[name])
-                  for name in _MODES}
+                  for name in MODES}
     images[schema.MASK] = (images[schema.MASK] > MASK_THRESHOLD).to(torch.uint8)
     return images
 
 
 def _decode(name: str, data: bytes) -> torch.Tensor:
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_MODES[name])
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=MODES[name])
     except RuntimeError as error:
         raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
 
@@ -63,3 +67,16 @@ def _decode_background(data: bytes) -> torch.Tensor:
     """Backgrounds repeat: the seed dataset composes 2,000 samples on each of its 100, so a
     worker keeps the last 128 it decoded (about 19 MB at 224 px), keyed by their bytes."""
     return _decode(schema.BG, data)
+
+
+def fit(images: dict[str, torch.Tensor], size: int, out: dict[str, torch.Tensor]) -> None:
+    """Bring each decoded member to `size` x `size` (bilinear with antialiasing; the mask by
+    nearest neighbour, so it stays 0/1) and write it into `out` (the sample's batch slots)."""
+    for name, image in images.items():
+        if image.shape[-2:] != (size, size):
+            if name == schema.MASK:
+                image = nn_functional.interpolate(image[None], size=(size, size), mode="nearest-exact")[0]
+            else:
+                image = nn_functional.interpolate(image[None], size=(size, size), mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+        out[name].copy_(image)

@@ -6,7 +6,8 @@ import logging
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batches import INDEX, SKIPPED, StreamConfig, slot_batches
+from pipeline.augment import Batch
+from pipeline.batches import ERROR, INDEX, SKIPPED, StreamConfig, slot_batches
 from pipeline.errors import PipelineError
 from pipeline.plan import batches_to_skip, plan_epoch
 from pipeline.sources import expand_urls, open_shard, shard_sizes as find_shard_sizes
@@ -59,7 +60,9 @@ class Loader:
         # Free the clients of earlier reads now: forked workers would inherit them and
         # fail to close them on their own event loop.
         gc.collect()
-        for batch in _worker_errors_unwrapped(self._dataloader):
+        for batch in self._dataloader:
+            if ERROR in batch:
+                raise PipelineError(batch[ERROR])
             self._report(batch.pop(SKIPPED))
             pending[batch.pop(INDEX)] = batch
             while expected in pending:
@@ -67,7 +70,7 @@ class Loader:
                 expected += 1
                 self.stats["batches"] += 1
                 self.stats["samples"] += len(ready["key"])
-                yield ready
+                yield Batch(ready)
         assert not pending and expected == self.batches_per_epoch, (sorted(pending), expected)
 
     def _report(self, records: list[dict]) -> None:
@@ -75,16 +78,6 @@ class Loader:
             log.warning("skipped sample %r of %s: %s", record["key"], record["shard"], record["reason"])
         self.skipped.extend(records)
         self.stats["skipped"] += len(records)
-
-
-def _worker_errors_unwrapped(batches):
-    """Re-raise a worker's PipelineError with its own one-line message: DataLoader wraps it
-    in the worker's whole traceback."""
-    try:
-        yield from batches
-    except PipelineError as error:
-        last_line = str(error).strip().splitlines()[-1]
-        raise PipelineError(last_line.split("PipelineError: ", 1)[-1]) from None
 
 
 def _rank_and_world(rank, world_size) -> tuple[int, int]:
@@ -103,12 +96,13 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
                 retries: int = 5, retry_wait: float = 1.0) -> Loader:
     """A Loader over this rank's share of one epoch of shards.
 
-    Each batch is a dict: ``bg``, ``bgfg`` uint8 [B,3,H,W] (channels-last in memory);
-    ``mask`` uint8 [B,1,H,W] (0/1); ``depth`` uint8 [B,1,H,W] (0..255, larger = farther);
-    ``key`` list of str; H = W = image_size; in train mode also ``aug`` float32 [B,8], each
-    sample's augmentation draw (pipeline.augment.AUG_FIELDS: flip, crop box, jitter factors).
-    pipeline.to_device(batch, device) makes the floats on the training device and applies the
-    draw there to all four images at once (the images in the batch are not yet augmented).
+    Each batch is a pipeline.Batch (a dict): ``bg``, ``bgfg`` uint8 [B,3,H,W] (channels-last
+    in memory); ``mask`` uint8 [B,1,H,W] (0/1); ``depth`` uint8 [B,1,H,W] (0..255, larger =
+    farther); ``key`` list of str; H = W = image_size; in train mode also ``aug`` float32
+    [B,8], each sample's augmentation draw (pipeline.augment.AUG_FIELDS: flip, crop box,
+    jitter factors), NOT yet applied: ``batch.to(device)`` makes the floats on the training
+    device and applies the draw there to all four images at once. Train on that, not on the
+    raw uint8 fields.
 
     urls: brace pattern, glob, fsspec URL or a list of them. rank/world_size: explicit
     values win, else torch.distributed's when initialised, else 0 and 1. Every rank gets

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import convert_zips
-from pipeline import PipelineError, make_loader, schema, to_device
-from pipeline.augment import AUG_FIELDS
-from pipeline.device import augment
+from pipeline import Batch, PipelineError, make_loader, schema
+from pipeline.augment import AUG_FIELDS, apply
 
 SIZE = 32  # output side: small keeps the suite fast, and differs from the 64 px input
 
@@ -112,7 +111,8 @@ def test_augmentation_keeps_the_four_images_aligned(shard_dir):
         assert batch["aug"].shape == (len(batch["key"]), len(AUG_FIELDS))
         flips += int(batch["aug"][:, AUG_FIELDS.index("flip")].sum())
         crops += int((batch["aug"][:, AUG_FIELDS.index("height")] < 1).sum())
-        images = to_device(batch, "cpu")
+        assert isinstance(batch, Batch) and batch.augmented
+        images = batch.to("cpu")
         assert set(images["mask"].unique().tolist()) <= {0.0, 1.0}
         # The pasted object is where bg and bgfg differ, so the composite recovers the mask.
         changed = (images["bgfg"] - images["bg"]).abs().amax(1, keepdim=True) > 40
@@ -133,12 +133,31 @@ def test_device_augmentation_crops_flips_and_jitters_as_drawn():
               "mask": (ramp > 30).float().repeat(2, 1, 1, 1), "depth": ramp.repeat(2, 1, 1, 1)}
     same = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     flipped_half = [1.0, 0.0, 0.5, 1.0, 0.5, 1.2, 1.0, 1.0]  # right half, mirrored, brighter
-    out = augment(images, torch.tensor([same, flipped_half]))
+    out = apply(images, torch.tensor([same, flipped_half]))
     assert torch.equal(out["depth"][0], ramp[0]) and torch.equal(out["mask"][0], images["mask"][0])
     right_half_mirrored = ramp[0, :, :, 4:].flip(-1)
     assert torch.allclose(out["depth"][1][..., ::2], right_half_mirrored, atol=0.51)
     assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
     assert torch.allclose(out["bgfg"][1] - out["bg"][1], torch.full_like(out["bg"][1], 1.2), atol=1e-4)
+
+
+def test_jitter_with_contrast_keeps_bgfg_minus_bg_zero_outside_the_object():
+    generator = torch.Generator().manual_seed(0)
+    bg = torch.rand(2, 3, 16, 16, generator=generator) * 200
+    obj = torch.zeros(2, 1, 16, 16)
+    obj[..., 4:9, 2:7] = 1  # the pasted object: a bright square on the left
+    bgfg = torch.where(obj.bool(), torch.full_like(bg, 250.0), bg)
+    images = {"bg": bg, "bgfg": bgfg, "mask": obj, "depth": bg[:, :1]}
+    # Uncropped, one of them flipped; contrast != 1 both times (the case that once went wrong).
+    draws = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.1, 0.7, 0.8],
+                          [1.0, 0.0, 0.0, 1.0, 1.0, 0.9, 1.3, 1.2]])
+    out = apply(images, draws)
+    outside = out["mask"] == 0
+    difference = (out["bgfg"] - out["bg"]).abs()
+    assert torch.equal(out["mask"][1], obj[1].flip(-1))
+    assert difference.masked_select(outside.expand_as(difference)).max() < 1e-3
+    assert difference.masked_select(~outside.expand_as(difference)).min() > 1  # the object still shows
+    assert not torch.allclose(out["bg"], bg.clamp(0, 255))  # the jitter did change the images
 
 
 def _rewrite(src, dst, change):

@@ -12,7 +12,7 @@ import torch
 
 import train
 from model import UNet, UNetConfig, total_loss
-from pipeline import PipelineError, make_loader, schema
+from pipeline import Batch, PipelineError, make_loader, schema
 from training import runfolder, steps
 from training.steps import prepare_batch
 
@@ -47,7 +47,7 @@ def test_overfitting_one_batch_drives_the_loss_down(shard_dir):
 
 def test_evaluate_passes_over_an_empty_batch(shard_dir, monkeypatch):
     batch = next(iter(make_loader(f"{shard_dir}/val-1.tar", batch_size=2, workers=0, image_size=64, train=False)))
-    empty = {name: value[:0] for name, value in batch.items()}
+    empty = Batch({name: value[:0] for name, value in batch.items()})
     model = UNet(UNetConfig(width=4))
 
     def score(batches):

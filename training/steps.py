@@ -3,18 +3,18 @@
 import torch
 
 from model import LossWeights, SegDepthMetrics, to_input, total_loss
-from pipeline import make_loader, to_device
+from pipeline import make_loader
 
 from .distributed import all_sum
 
 
-def prepare_batch(batch: dict, device: torch.device, channels_last: bool = False):
+def prepare_batch(batch, device: torch.device, channels_last: bool = False):
     """Loader batch -> (network input, mask target 0/1, depth target 0..1) on `device`.
 
-    The conversion to float and the augmentation happen after the copy, so only bytes cross
-    the bus and no worker spends a core on per-pixel float work.
+    Batch.to converts to float and applies the augmentation after the copy, so only bytes
+    cross the bus and no worker spends a core on per-pixel float work.
     """
-    images = to_device(batch, device)  # train batches are augmented there
+    images = batch.to(device)  # train batches are augmented there
     x = to_input(images["bgfg"], images["bg"])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
