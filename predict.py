@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model import check_image_size, to_input
 from pipeline import PipelineError, schema
-from pipeline.tario import read_samples
+from pipeline.shardreader import read_samples
 from training import UserError
 from training.checkpoint import load, model_from_checkpoint
 from training.options import storage_option

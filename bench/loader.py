@@ -7,7 +7,7 @@ under --cache), one run measures:
       processes from memory, nothing else (the ceiling for any loader doing this decode);
   (b) make_loader end to end: --workers workers, --batch-size, train mode (shuffle buffer,
       decode, fit to size, augmentation draws; the draws are applied on the training device
-      by pipeline.to_device, which is not timed here), on the 20-shard and on the 1-shard
+      by Batch.to, which is not timed here), on the 20-shard and on the 1-shard
       set, each in a fresh process whose peak memory (PSS of all its processes together) is
       recorded: it must not grow with the number of shards; also in eval mode (no shuffle
       buffer, no draws) on 20 shards, for context. Timed from the first batch on, as (a)
@@ -34,14 +34,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402  (needs ROOT on the path)
-from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
+from torchvision.io import decode_jpeg  # noqa: E402
 
-from pipeline import make_loader, schema, synthetic  # noqa: E402
-from pipeline.tario import read_samples  # noqa: E402
+from pipeline import make_loader, schema  # noqa: E402
+from seedzips import synthetic  # noqa: E402
+from pipeline.decode import MODES  # noqa: E402
+from pipeline.shardreader import read_samples  # noqa: E402
 
 SEED_DATASET = dict(zips=1, bgs_per_zip=5, fg=100, placements=20, seed=0, depth="mixed")
-_MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
-          schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
 _SAMPLES = []  # (a)'s encoded samples, filled before the decode processes fork
 
 
@@ -84,7 +84,7 @@ def _cpu(who) -> float:
 def _decode_range(bounds) -> int:
     torch.set_num_threads(1)
     for members in _SAMPLES[bounds[0]:bounds[1]]:
-        for name, mode in _MODES.items():
+        for name, mode in MODES.items():
             decode_jpeg(torch.frombuffer(bytearray(members[name]), dtype=torch.uint8), mode=mode)
     return bounds[1] - bounds[0]
 

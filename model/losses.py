@@ -43,9 +43,15 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 between horizontal and vertical finite differences: keeps depth edges sharp."""
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return F.l1_loss(dx(pred), dx(target)) + F.l1_loss(dy(pred), dy(target))
+    return F.l1_loss(_diff_x(pred), _diff_x(target)) + F.l1_loss(_diff_y(pred), _diff_y(target))
+
+
+def _diff_x(t: torch.Tensor) -> torch.Tensor:
+    return t[..., :, 1:] - t[..., :, :-1]
+
+
+def _diff_y(t: torch.Tensor) -> torch.Tensor:
+    return t[..., 1:, :] - t[..., :-1, :]
 
 
 def total_loss(

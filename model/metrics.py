@@ -15,6 +15,10 @@ DEPTH_FLOOR = 1 / 255
 _FIELDS = ("intersection", "union", "mask_sum", "pixels", "sq_err", "valid", "abs_rel", "delta1")
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
 class SegDepthMetrics:
     """Sums in float64 so millions of pixels add up exactly enough."""
 
@@ -52,12 +56,11 @@ class SegDepthMetrics:
     def compute(self) -> dict[str, float]:
         """iou, dice, rmse, abs_rel, delta1 (NaN for a ratio with nothing to count)."""
         s = dict(zip(_FIELDS, self.sums.tolist()))
-        ratio = lambda num, den: num / den if den else float("nan")  # noqa: E731
         return {
             # Both masks empty everywhere is a perfect score, not 0/0.
-            "iou": ratio(s["intersection"], s["union"]) if s["union"] else 1.0,
-            "dice": ratio(2 * s["intersection"], s["mask_sum"]) if s["mask_sum"] else 1.0,
-            "rmse": ratio(s["sq_err"], s["pixels"]) ** 0.5,
-            "abs_rel": ratio(s["abs_rel"], s["valid"]),
-            "delta1": ratio(s["delta1"], s["valid"]),
+            "iou": _ratio(s["intersection"], s["union"]) if s["union"] else 1.0,
+            "dice": _ratio(2 * s["intersection"], s["mask_sum"]) if s["mask_sum"] else 1.0,
+            "rmse": _ratio(s["sq_err"], s["pixels"]) ** 0.5,
+            "abs_rel": _ratio(s["abs_rel"], s["valid"]),
+            "delta1": _ratio(s["delta1"], s["valid"]),
         }

@@ -13,6 +13,7 @@ import os
 import posixpath
 import tarfile
 import time
+import urllib.parse
 
 import braceexpand
 import fsspec
@@ -62,12 +63,24 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
     return found
 
 
+def shard_basename(url: str) -> str:
+    """A shard's file name, without the folder and any query (a presigned URL's signature)."""
+    return posixpath.basename(urllib.parse.urlsplit(url).path if not _is_local(url) else url)
+
+
 def shard_folder(url: str) -> str:
-    """The folder a shard URL lives in (or the URL itself when it is not a .tar)."""
-    if not url.endswith(".tar"):
+    """The folder a shard URL lives in (or the URL itself when it is not a .tar).
+
+    A query string (`.../batch-1.tar?X-Amz-Signature=...`) belongs to the object, not to the
+    folder, and is dropped.
+    """
+    if _is_local(url):
+        return (posixpath.dirname(url) or ".") if url.endswith(".tar") else url.rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if not parts.path.endswith(".tar"):
         return url.rstrip("/")
-    folder = posixpath.dirname(url)
-    return folder if folder else "."
+    folder = posixpath.dirname(parts.path).rstrip("/")
+    return urllib.parse.urlunsplit(parts._replace(path=folder, query="", fragment=""))
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
@@ -113,10 +126,10 @@ def shard_sizes(urls: list[str], storage_options: dict | None = None,
     """Samples per shard: from `explicit` (list or name -> count), the manifest, or a scan."""
     if explicit is not None:
         if isinstance(explicit, dict):
-            missing = [u for u in urls if posixpath.basename(u) not in explicit]
+            missing = [u for u in urls if shard_basename(u) not in explicit]
             if missing:
                 raise PipelineError(f"shard_sizes has no entry for {missing[0]}")
-            return [int(explicit[posixpath.basename(u)]) for u in urls]
+            return [int(explicit[shard_basename(u)]) for u in urls]
         if len(explicit) != len(urls):
             raise PipelineError(f"shard_sizes has {len(explicit)} entries for {len(urls)} shards")
         return [int(n) for n in explicit]
@@ -128,7 +141,7 @@ def shard_sizes(urls: list[str], storage_options: dict | None = None,
             manifest = read_manifest(url, storage_options)
             counts_by_folder[folder] = manifest_counts(manifest) if manifest else None
         counts = counts_by_folder[folder]
-        name = posixpath.basename(url)
+        name = shard_basename(url)
         if counts is not None and name in counts:
             sizes.append(counts[name])
         elif _is_local(url) or url.startswith("file://"):

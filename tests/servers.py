@@ -6,6 +6,7 @@ sleeps) and is always stopped on exit. Each yields its base URL.
 
 import contextlib
 import ctypes
+import functools
 import http.server
 import os
 import pwd
@@ -173,7 +174,7 @@ def dropping_http(root, drop_after: int):
 
     Yields (base URL, requests per path) so a test can see the retry happen.
     """
-    handler = lambda *a, **kw: _DroppingHandler(*a, directory=os.fspath(root), **kw)  # noqa: E731
+    handler = functools.partial(_DroppingHandler, directory=os.fspath(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.lock, server.requests, server.drop_after = threading.Lock(), {}, drop_after

@@ -13,7 +13,7 @@ from PIL import Image
 import predict
 import train
 from pipeline import schema
-from pipeline.tario import read_samples
+from pipeline.shardreader import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

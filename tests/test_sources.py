@@ -9,8 +9,8 @@ import pytest
 
 from pipeline import PipelineError, expand_urls, read_manifest, schema
 from pipeline.decode import BadSample, check
-from pipeline.sources import RetryingStream, shard_sizes
-from pipeline.tario import read_samples
+from pipeline.sources import RetryingStream, shard_basename, shard_folder, shard_sizes
+from pipeline.shardreader import read_samples
 
 
 def _train_shards(shard_dir):
@@ -28,6 +28,18 @@ def test_expand_urls_braces_globs_lists_and_file_urls(shard_dir):
         expand_urls(f"{shard_dir}/nope-*.tar")
     with pytest.raises(PipelineError, match="no such shard: .*-3.tar"):
         expand_urls(f"{shard_dir}/{schema.TRAIN_PREFIX}-{{1..3}}.tar")
+
+
+@pytest.mark.parametrize("url, folder, name", [
+    ("shards/batch-1.tar", "shards", "batch-1.tar"),
+    ("batch-1.tar", ".", "batch-1.tar"),
+    ("s3://bucket/shards/batch-1.tar", "s3://bucket/shards", "batch-1.tar"),
+    ("s3://bucket/batch-1.tar", "s3://bucket", "batch-1.tar"),
+    ("https://host/b/batch-1.tar?X-Amz-Signature=ab%2F.tar&X-Amz-Expires=60", "https://host/b", "batch-1.tar"),
+    ("gs://bucket/shards/", "gs://bucket/shards", "")])
+def test_shard_folder_and_name_ignore_a_presigned_query(url, folder, name):
+    assert shard_folder(url) == folder
+    assert shard_basename(url) == name
 
 
 def test_sample_counts_from_manifest_scan_or_explicit(shard_dir, tmp_path):

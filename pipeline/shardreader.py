@@ -1,4 +1,4 @@
-"""A tar stream to samples: consecutive members sharing a key, limited to a sample range.
+"""Reading shards: a tar stream to samples (consecutive members sharing a key) in a sample range.
 
 The tar headers are parsed here rather than by `tarfile`: its stream mode costs several
 times the JPEG decode per sample in Python overhead, while the shards need only ustar
@@ -18,7 +18,7 @@ class TarFormatError(ValueError):
 
 
 @dataclass
-class Sample:
+class ShardSample:
     """One sample's raw members (suffix -> bytes); `error` is set when the shard broke off."""
 
     key: str
@@ -90,8 +90,8 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
 
     Members of samples before `start` are streamed past without being kept, members not in
     `wanted` are skipped. A shard that breaks off marks the sample it broke in with `error`
-    (or, between samples, ends with a Sample carrying only the `error`), and one that ends
-    cleanly before `stop` ends with such an error Sample too, so the caller can report it
+    (or, between samples, ends with a ShardSample carrying only the `error`), and one that ends
+    cleanly before `stop` ends with such an error ShardSample too, so the caller can report it
     and go on.
     """
     index, key, current, broken, short = -1, None, None, None, None
@@ -112,7 +112,7 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
                     if index >= end:
                         break
                     if index >= start:
-                        current = Sample(key, url)
+                        current = ShardSample(key, url)
                 if current is not None and data is not None:
                     current.members[suffix] = data
             else:
@@ -124,6 +124,6 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
         current.error = broken  # the sample it broke off in, if it broke
         yield current
     elif broken is not None:
-        yield Sample(key or "", url, error=broken)
+        yield ShardSample(key or "", url, error=broken)
     if short is not None:
-        yield Sample(key or "", url, error=short)
+        yield ShardSample(key or "", url, error=short)
