@@ -20,6 +20,7 @@ previews/step-N.png. See `python train.py --help` for every option.
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,8 +55,146 @@ def amp_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
 
 
+@dataclass
+class Run:
+    """Everything one training run holds: the parts built at setup and the position reached."""
+
+    args: object
+    ctx: distributed.Context
+    out: Path
+    train_urls: list
+    val_urls: list
+    loader_args: dict
+    loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
+    config: UNetConfig
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    weights: LossWeights
+    amp_dtype: torch.dtype | None
+    total_steps: int
+    logger: RunLogger | None = None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_len: int = 0  # batches in the current epoch
+    skipped_before: int = 0  # bad samples met in earlier epochs, all ranks
+    skipped_this_epoch: int = 0
+    best_loss: float = math.inf
+    last_validated: int = -1
+    window: Window = field(default_factory=Window)
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(message)
+
+
+def snapshot(run: Run) -> dict:
+    """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
+    at_epoch_end = run.batch_in_epoch >= run.epoch_len
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "step": run.step, "epoch": run.epoch + at_epoch_end,
+        "batch_in_epoch": 0 if at_epoch_end else run.batch_in_epoch,
+        # Storage options may hold credentials: keep their names only.
+        "args": {**vars(run.args), "storage_options": sorted(run.args.storage_options or {})},
+        "model_config": run.config.to_dict(), "image_size": run.args.image_size, "loader": run.loader_identity,
+        "rng": checkpoint.rng_states(), "skipped": run.skipped_before + run.skipped_this_epoch,
+        "best_val_loss": run.best_loss,
+    }
+
+
+def resume(run: Run) -> None:
+    """Load OUT/last.pt into the run: weights, optimizer, schedule, RNG and data position."""
+    path = run.out / "last.pt"
+    state = checkpoint.load(path)
+    checkpoint.check_same_model(state, run.config, path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    checkpoint.restore_rng_states(state["rng"])
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.skipped_before, run.best_loss = state["skipped"], state["best_val_loss"]
+    if state["loader"] != run.loader_identity:
+        run.say(f"warning: resuming with different loader settings ({state['loader']} -> {run.loader_identity}); "
+                f"the rest of epoch {run.epoch} may repeat or miss samples")
+    run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+
+
+def validate(run: Run) -> None:
+    """Score the validation shards, log and preview the result, keep best.pt."""
+    result, preview = evaluate(run.model, run.val_urls, run.loader_args, run.ctx.device, amp_dtype=run.amp_dtype,
+                               channels_last=True, weights=run.weights, previews=run.args.previews)
+    run.logger.log("val", run.step, {"epoch": run.epoch, **result})
+    run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    if run.ctx.is_main and preview is not None:
+        save_preview(run.out / "previews" / f"step-{run.step}.png", *preview)
+    run.last_validated = run.step
+    if result["loss"] < run.best_loss:
+        run.best_loss = result["loss"]
+        if run.ctx.is_main:
+            checkpoint.save(run.out / "best.pt", snapshot(run))
+
+
+def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
+    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one."""
+    window = run.window
+    loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
+        [float(window.loss), window.samples, len(loader.skipped)], run.ctx.device)
+    seconds = window.seconds()
+    record = {"epoch": run.epoch, "loss": loss_sum / run.ctx.world_size / window.steps,
+              **{k: float(v) for k, v in terms.items()}, "lr": run.scheduler.get_last_lr()[0],
+              "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
+              "skipped": int(run.skipped_before + run.skipped_this_epoch)}
+    run.logger.log("train", run.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    run.window = Window()
+
+
+def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
+    """Train on `loader`'s batches until the epoch or the step budget ends, validating and
+    saving on schedule. Returns True when the run must stop (time budget spent)."""
+    args, ctx = run.args, run.ctx
+    run.epoch_len, run.skipped_this_epoch = len(loader) + run.batch_in_epoch, 0
+    stop = exhausted = False
+    batches = iter(loader)
+    while run.step < run.total_steps and not stop:
+        waiting = time.perf_counter()
+        batch = next(batches, None)
+        run.window.data_wait += time.perf_counter() - waiting
+        if batch is None:
+            exhausted = True
+            break
+        x, mask, depth = prepare_batch(batch, ctx.device, channels_last=True)
+        loss, terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
+                                 weights=run.weights, amp_dtype=run.amp_dtype)
+        run.scheduler.step()
+        run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
+        run.window.loss += loss  # stays on the device: no sync until the next log line
+        run.window.steps, run.window.samples = run.window.steps + 1, run.window.samples + x.shape[0]
+        if args.minutes:
+            stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
+        last = run.step == run.total_steps or stop
+        if run.step % args.log_every == 0 or last:
+            log_window(run, loader, terms, bar)
+        bar.update(1)
+        if run.val_urls and (run.step % args.val_every == 0 or last):
+            validate(run)
+        if ctx.is_main and (run.step % args.save_every == 0 or last):
+            checkpoint.save(run.out / "last.pt", snapshot(run))
+    if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
+        run.skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
+        run.skipped_this_epoch = 0
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    return stop
+
+
 def train(args, ctx: distributed.Context) -> None:
-    say = tqdm.write if ctx.is_main else (lambda *_: None)
+    # --- setup: run folder, data -------------------------------------------------------
     out = Path(args.out)
     prepare_run_folder(out, resume=args.resume, rank=ctx.rank)
     train_urls = expand_urls(args.shards, args.storage_options)
@@ -67,136 +206,68 @@ def train(args, ctx: distributed.Context) -> None:
     loader = make_loader(train_urls, train=True, epoch=0, **loader_args)
     steps_per_epoch = len(loader)
     val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
-    say(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
+    if ctx.is_main:
+        tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
+    # --- model and optimizer -------------------------------------------------------------
     config = UNetConfig(width=args.width)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).
     model = UNet(config).to(ctx.device, memory_format=torch.channels_last)
-    say(f"model: U-Net {config.to_dict()}, {count_parameters(model):,} parameters")
-    weights = LossWeights(args.w_bce, args.w_dice, args.w_l1, args.w_ssim, args.w_grad)
     amp_dtype = amp_dtype_for(args.amp, ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-
     total_steps = args.steps or args.epochs * steps_per_epoch
     schedule_steps = args.schedule_steps or total_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, schedule_steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(warmup, 1), schedule_steps))
+    forward = model
+    if ctx.world_size > 1:
+        forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    run = Run(args=args, ctx=ctx, out=out, train_urls=train_urls, val_urls=val_urls, loader_args=loader_args,
+              loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
+                                   image_size=args.image_size, seed=args.seed),
+              config=config, model=model, forward=torch.compile(forward) if args.compile else forward,
+              optimizer=optimizer,
+              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(warmup, 1), schedule_steps)),
+              scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
+              weights=LossWeights(args.w_bce, args.w_dice, args.w_l1, args.w_ssim, args.w_grad),
+              amp_dtype=amp_dtype, total_steps=total_steps)
+    run.say(f"model: U-Net {config.to_dict()}, {count_parameters(model):,} parameters")
 
-    loader_identity = dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
-                           image_size=args.image_size, seed=args.seed)
-    step, epoch, batch_in_epoch, skipped_before, best_loss = 0, 0, 0, 0, math.inf
+    # --- resume ----------------------------------------------------------------------------
     if args.resume:
-        state = checkpoint.load(out / "last.pt")
-        checkpoint.check_same_model(state, config, out / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng_states(state["rng"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        skipped_before, best_loss = state["skipped"], state["best_val_loss"]
-        if state["loader"] != loader_identity:
-            say(f"warning: resuming with different loader settings ({state['loader']} -> {loader_identity}); "
-                f"the rest of epoch {epoch} may repeat or miss samples")
-        say(f"resumed from {out / 'last.pt'} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        if (epoch, batch_in_epoch) != (0, 0):
+        resume(run)
+        if (run.epoch, run.batch_in_epoch) != (0, 0):
             loader = None  # the loop builds the one that starts where the run stopped
-        if step >= total_steps:
-            say(f"nothing to do: {out / 'last.pt'} is at step {step} and the run asks for {total_steps} steps")
+        if run.step >= total_steps:
+            run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
             return
 
-    ddp = model
-    if ctx.world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    forward = torch.compile(ddp) if args.compile else ddp
-    logger = RunLogger(out, enabled=ctx.is_main)
-
-    def snapshot() -> dict:
-        at_epoch_end = batch_in_epoch >= epoch_len
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "epoch": epoch + at_epoch_end, "batch_in_epoch": 0 if at_epoch_end else batch_in_epoch,
-            # Storage options may hold credentials: keep their names only.
-            "args": {**vars(args), "storage_options": sorted(args.storage_options or {})},
-            "model_config": config.to_dict(), "image_size": args.image_size, "loader": loader_identity,
-            "rng": checkpoint.rng_states(), "skipped": skipped_before + skipped_this_epoch,
-            "best_val_loss": best_loss,
-        }
-
-    def validate() -> None:
-        nonlocal best_loss
-        result, preview = evaluate(model, val_urls, loader_args, ctx.device, amp_dtype=amp_dtype,
-                                   channels_last=True, weights=weights, previews=args.previews)
-        logger.log("val", step, {"epoch": epoch, **result})
-        say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-        if ctx.is_main and preview is not None:
-            save_preview(out / "previews" / f"step-{step}.png", *preview)
-        if result["loss"] < best_loss:
-            best_loss = result["loss"]
-            if ctx.is_main:
-                checkpoint.save(out / "best.pt", snapshot())
-
-    say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
-        f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
-    started = time.monotonic()
-    window = Window()
-    last_validated, stop = -1, False
-    while step < total_steps and not stop:
+    # --- the loop ------------------------------------------------------------------------
+    run.logger = RunLogger(out, enabled=ctx.is_main)
+    run.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
+            f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
+    bar = tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
+    started, stop = time.monotonic(), False
+    run.window = Window()
+    while run.step < total_steps and not stop:
         if loader is None:
-            loader = make_loader(train_urls, train=True, epoch=epoch, start_batch=batch_in_epoch, **loader_args)
-        epoch_len, skipped_this_epoch = len(loader) + batch_in_epoch, 0
-        batches = iter(loader)
-        while step < total_steps and not stop:
-            waiting = time.perf_counter()
-            batch = next(batches, None)
-            window.data_wait += time.perf_counter() - waiting
-            if batch is None:
-                break
-            x, mask, depth = prepare_batch(batch, ctx.device, channels_last=True)
-            loss, terms = train_step(forward, optimizer, scaler, x, mask, depth, weights=weights, amp_dtype=amp_dtype)
-            scheduler.step()
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            window.loss += loss  # stays on the device: no sync until the next log line
-            window.steps, window.samples = window.steps + 1, window.samples + x.shape[0]
-            if args.minutes:
-                stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
-
-            if step % args.log_every == 0 or step == total_steps or stop:
-                loss_sum, samples, skipped_this_epoch = distributed.all_sum(
-                    [float(window.loss), window.samples, len(loader.skipped)], ctx.device)
-                seconds = window.seconds()
-                record = {"epoch": epoch, "loss": loss_sum / ctx.world_size / window.steps,
-                          **{k: float(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
-                          "skipped": int(skipped_before + skipped_this_epoch)}
-                logger.log("train", step, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window = Window()
-            bar.update(1)
-            if val_urls and (step % args.val_every == 0 or step == total_steps or stop):
-                validate()
-                last_validated = step
-            if ctx.is_main and (step % args.save_every == 0 or step == total_steps or stop):
-                checkpoint.save(out / "last.pt", snapshot())
-        if batch is None:  # the epoch ran out (not a step limit): the next one starts from its top
-            skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
-            skipped_this_epoch = 0
-            epoch, batch_in_epoch, loader = epoch + 1, 0, None
+            loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
+                                 **loader_args)
+        stop = train_epoch(run, loader, bar, started)
+        loader = None
     bar.close()
-    if val_urls and last_validated != step:
-        validate()
-    logger.close()
+
+    # --- final evaluation and checkpoint ---------------------------------------------------
+    if val_urls and run.last_validated != run.step:
+        validate(run)
+    run.logger.close()
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
-        print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {step}", flush=True)
-    say(f"done at step {step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
-    skipped = int(skipped_before + skipped_this_epoch)
+        print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {run.step}", flush=True)
+    run.say(f"done at step {run.step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
+    skipped = int(run.skipped_before + run.skipped_this_epoch)
     if skipped:
-        say(f"skipped {skipped} corrupt or incomplete samples (see the warnings above)")
+        run.say(f"skipped {skipped} corrupt or incomplete samples (see the warnings above)")
 
 
 def main(argv=None) -> int:
