@@ -86,3 +86,21 @@ def shard_name(prefix: str, index: int) -> str:
 # Manifest "split" of each shard (batch-*.tar -> train, val-*.tar -> val).
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"
+
+
+# --- How files of the contract appear (shards, indexes, manifests, checkpoints, cache) ----
+def replace_durably(temporary: str, final: str) -> None:
+    """Give a fully written temporary file its final name, so that a crash or power loss at
+    any moment leaves either the old file or the whole new one, never a torn one: the data
+    reaches the disk before the rename, and the folder entry after it."""
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, final)
+    folder = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
