@@ -137,51 +137,104 @@ def fake_gcs_server(root):
         yield url.removesuffix("/storage/v1/b")
 
 
-class _DroppingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with Content-Length, but cuts the first response for each path short."""
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """GET and HEAD of files, keep-alive, Range -> 206 with Content-Range (unless the server
+    ignores Range); counts the body bytes it writes to the socket, per path."""
 
     protocol_version = "HTTP/1.1"
 
+    def do_HEAD(self):
+        self._serve(body=False)
+
     def do_GET(self):
-        path = self.translate_path(self.path)
+        self._serve(body=True)
+
+    def _serve(self, body: bool):
+        server = self.server
+        path = self.translate_path(self.path.split("?", 1)[0])
         if not os.path.isfile(path):
             self.send_error(404)
             return
         with open(path, "rb") as f:
             data = f.read()
-        server = self.server
+        start, end, status = 0, len(data), 200
+        ranged = self.headers.get("Range", "")
+        if ranged.startswith("bytes=") and server.ranges:
+            first, _, last = ranged.removeprefix("bytes=").partition("-")
+            start = int(first)
+            end = min(int(last) + 1, len(data)) if last else len(data)
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
         with server.lock:
             server.requests[self.path] = server.requests.get(self.path, 0) + 1
-            drop = server.requests[self.path] == 1 and len(data) > server.drop_after
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
+            drop = server.drop_after is not None and server.requests[self.path] == 1 \
+                and end - start > server.drop_after
+        self.send_response(status)
+        self.send_header("Content-Length", str(end - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
+        if not body:
+            return
+        stop = start + server.drop_after if drop else end
+        try:
+            for at in range(start, stop, 1 << 16):  # counted as written, so an early close stops the count
+                chunk = data[at:min(at + (1 << 16), stop)]
+                self.wfile.write(chunk)
+                with server.lock:
+                    server.sent[self.path] = server.sent.get(self.path, 0) + len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
         if drop:
-            self.wfile.write(data[: server.drop_after])
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
-        else:
-            self.wfile.write(data)
 
     def log_message(self, *args):
         pass
 
 
-@contextlib.contextmanager
-def dropping_http(root, drop_after: int):
-    """An HTTP server that drops the connection once per file after `drop_after` bytes.
+class CountingServer:
+    """A running counting HTTP server: its base `url`, body bytes `sent` and `requests` per path."""
 
-    Yields (base URL, requests per path) so a test can see the retry happen.
+    def __init__(self, url, sent, requests, lock):
+        self.url, self.sent, self.requests, self._lock = url, sent, requests, lock
+
+    def bytes_sent(self, suffix: str = "") -> int:
+        """Body bytes sent so far for paths ending in `suffix` (all paths by default)."""
+        with self._lock:
+            return sum(count for path, count in self.sent.items() if path.endswith(suffix))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.sent.clear()
+            self.requests.clear()
+
+
+@contextlib.contextmanager
+def counting_http(root, *, ranges: bool = True, drop_after: int | None = None):
+    """A threaded HTTP/1.1 server for `root` that counts the body bytes it sends, per path.
+
+    ranges=False: Range headers are ignored (every GET answers 200 with the whole file).
+    drop_after=N: the first GET of each path sends N body bytes, then drops the connection.
+    Yields a CountingServer.
     """
-    handler = functools.partial(_DroppingHandler, directory=os.fspath(root))
+    handler = functools.partial(_CountingHandler, directory=os.fspath(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    server.lock, server.requests, server.drop_after = threading.Lock(), {}, drop_after
+    server.lock, server.requests, server.sent = threading.Lock(), {}, {}
+    server.ranges, server.drop_after = ranges, drop_after
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.requests
+        yield CountingServer(f"http://127.0.0.1:{server.server_address[1]}", server.sent,
+                             server.requests, server.lock)
     finally:
         server.shutdown()
         server.server_close()
