@@ -116,14 +116,53 @@ def python_http(root):
         yield url.rstrip("/")
 
 
+class RcloneS3:
+    """`rclone serve s3` with each folder of `root` as a bucket, on a fixed loopback port, that a
+    test can stop (the process really ends) and start again on the same port and folder."""
+
+    def __init__(self, root, access_key: str, secret_key: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._args = [os.path.join(VENV_BIN, "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
+                      "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null", os.fspath(root)]
+        self._process = None
+
+    def start(self) -> None:
+        """Start the server (from any thread) and wait until it answers."""
+        started = threading.Event()
+
+        def own():
+            # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, so the forking
+            # thread waits for the server: a start from a short-lived timer thread must not kill it.
+            self._process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             preexec_fn=_die_with_parent)
+            started.set()
+            self._process.wait()
+
+        threading.Thread(target=own, daemon=True).start()
+        started.wait()
+        _wait_until_ready(self.url + "/", self._process)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
 @contextlib.contextmanager
 def rclone_s3(root, access_key: str, secret_key: str):
-    """`rclone serve s3` with each folder of `root` as a bucket; yields the endpoint URL."""
-    port = free_port()
-    args = [os.path.join(VENV_BIN, "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}",
-            "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null", os.fspath(root)]
-    with _process(args, f"http://127.0.0.1:{port}/") as url:
-        yield url.rstrip("/")
+    """A started RcloneS3 (see there), always stopped on exit."""
+    server = RcloneS3(root, access_key, secret_key)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -200,6 +239,12 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no news
+            super().handle_error(request, client_address)
+
+
 class CountingServer:
     """A running counting HTTP server: its base `url`, body bytes `sent` and `requests` per path."""
 
@@ -226,7 +271,7 @@ def counting_http(root, *, ranges: bool = True, drop_after: int | None = None):
     Yields a CountingServer.
     """
     handler = functools.partial(_CountingHandler, directory=os.fspath(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.lock, server.requests, server.sent = threading.Lock(), {}, {}
     server.ranges, server.drop_after = ranges, drop_after
