@@ -80,6 +80,8 @@ def fetch(cache_dir: str, url: str, name: str, expected: dict | None, storage_op
         return None
     if (hit := lookup(cache_dir, name, expected)) is not None:
         return hit
+    if url in _warned:
+        return None  # found uncacheable once: this process reads it remotely from now on
     final = os.path.join(cache_dir, cached_name(name, expected))
     part = final + ".part"
     try:

@@ -37,11 +37,14 @@ def _skip(stream, size: int, offset: int) -> None:
         size -= min(size, _SKIP_CHUNK)
 
 
-def _number(field_bytes: bytes) -> int:
+def _number(field_bytes: bytes, name: str) -> int:
     if field_bytes[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
         return int.from_bytes(field_bytes[1:], "big")
     digits = field_bytes.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise ValueError(f"{name} field {digits!r} is not octal") from None
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -56,9 +59,9 @@ def _pax_path(data: bytes) -> str | None:
 def _parse(header: bytes, named: bool) -> tuple[int, bytes, str | None]:
     """(size, type flag, ustar name unless `named` already) of a header block; ValueError
     (UnicodeDecodeError for a name that is not UTF-8) when it is not a valid one."""
-    if _number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+    if _number(header[148:156], "checksum") != sum(header) - sum(header[148:156]) + 8 * 32:
         raise ValueError("bad header checksum")
-    size = _number(header[124:136])
+    size = _number(header[124:136], "size")
     if not 0 <= size <= MAX_MEMBER:
         raise ValueError(f"member size {size} out of range")
     if named:  # the ustar field holds a truncated copy, perhaps cut inside a character

@@ -211,8 +211,11 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
             status = 206
         with server.lock:
             server.requests[self.path] = server.requests.get(self.path, 0) + 1
+            server.asked.setdefault(self.path, []).append((start, end))
             drop = server.drop_after is not None and server.requests[self.path] == 1 \
                 and end - start > server.drop_after
+            if drop:
+                server.dropped.add(self.path)
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         if status == 206:
@@ -246,10 +249,14 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 class CountingServer:
-    """A running counting HTTP server: its base `url`, body bytes `sent` and `requests` per path."""
+    """A running counting HTTP server: its base `url`, and per path the body bytes `sent`, the
+    number of `requests` and the byte range [start, end) each GET or HEAD asked for (`asked`);
+    the paths whose connection it `dropped`."""
 
-    def __init__(self, url, sent, requests, lock):
-        self.url, self.sent, self.requests, self._lock = url, sent, requests, lock
+    def __init__(self, server):
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        self.sent, self.requests, self.asked, self._lock = server.sent, server.requests, server.asked, server.lock
+        self.dropped = server.dropped
 
     def bytes_sent(self, suffix: str = "") -> int:
         """Body bytes sent so far for paths ending in `suffix` (all paths by default)."""
@@ -260,6 +267,7 @@ class CountingServer:
         with self._lock:
             self.sent.clear()
             self.requests.clear()
+            self.asked.clear()
 
 
 @contextlib.contextmanager
@@ -273,14 +281,71 @@ def counting_http(root, *, ranges: bool = True, drop_after: int | None = None):
     handler = functools.partial(_CountingHandler, directory=os.fspath(root))
     server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    server.lock, server.requests, server.sent = threading.Lock(), {}, {}
+    server.lock, server.requests, server.sent, server.asked, server.dropped = threading.Lock(), {}, {}, {}, set()
     server.ranges, server.drop_after = ranges, drop_after
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield CountingServer(f"http://127.0.0.1:{server.server_address[1]}", server.sent,
-                             server.requests, server.lock)
+        yield CountingServer(server)
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextlib.contextmanager
+def counting_proxy(target_url: str):
+    """A TCP proxy on 127.0.0.1 in front of `target_url`'s host and port that counts every byte
+    the server sends back (HTTP headers included), for servers that cannot count themselves.
+
+    Yields (the proxy's base URL, a function returning the bytes counted so far).
+    """
+    target = target_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)  # accept() wakes up to see `done`: closing it would not wake it
+    lock, sent, done = threading.Lock(), [0], threading.Event()
+
+    def pump(source, sink, counted: bool):
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                if counted:
+                    with lock:
+                        sent[0] += len(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def accept():
+        while not done.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:  # a timeout, or closed: the loop ends
+                continue
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection((target[0], int(target[1])))
+            except OSError:  # the server is down: so is the proxy, to this client
+                client.close()
+                continue
+            threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client, True), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def count() -> int:
+        with lock:
+            return sent[0]
+
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", count
+    finally:
+        done.set()
+        listener.close()
+        thread.join(timeout=10)

@@ -9,6 +9,7 @@ The intact shards either side keep every worker's slot in business.
 
 import gzip
 import json
+import logging
 import os
 import random
 import shutil
@@ -99,10 +100,13 @@ def _keys(path):
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "no-index"])
 @pytest.mark.parametrize("kind", list(DAMAGE))
-def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind, indexed, clean_shards, tmp_path):
+def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind, indexed, clean_shards, tmp_path,
+                                                                            caplog):
     names = [schema.shard_name(schema.TRAIN_PREFIX, i) for i in (1, 2, 3)]
     damage, lost_indexed, lost_streamed = DAMAGE[kind]
     lost = list(lost_indexed if indexed else lost_streamed)
+    caplog.set_level(logging.WARNING, logger="pipeline.shardreader")
+    unindexed = []
     for train in (False, True):
         folder = tmp_path / ("train" if train else "eval")
         shutil.copytree(clean_shards, folder)
@@ -115,6 +119,7 @@ def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind,
             for entry in manifest["shards"]:
                 os.remove(folder / entry.pop("index")["name"])
             (folder / schema.MANIFEST).write_text(json.dumps(manifest))
+            unindexed += [str(folder / name) for name in names]
         damage(victim)
         loader = make_loader([str(folder / name) for name in names], batch_size=3, workers=2, image_size=16,
                              train=train, seed=SEED)
@@ -130,3 +135,6 @@ def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind,
         named = {keys[n] for n in lost} if indexed else {keys[lost[0]]} | {f"#{n}" for n in lost}
         assert {record["key"] for record in loader.skipped} <= named
         assert all(("damaged tar data" in r["reason"] or "cut off" in r["reason"]) for r in loader.skipped)
+    # One warning for each shard without an index, though 2 workers read each.
+    warned = [r.getMessage().split(" has no index")[0] for r in caplog.records if r.name == "pipeline.shardreader"]
+    assert sorted(warned) == sorted(unindexed)

@@ -143,3 +143,36 @@ def test_long_member_names_from_other_tar_writers(shard_dir, tmp_path, tar_forma
             tar.addfile(info, io.BytesIO(data))
     (read,) = read_samples(str(path), 0, 1)
     assert read.key == key and read.members == sample.members
+
+
+def _child_makes_its_own_client(url, parent_fs):
+    from pipeline import clients
+
+    os._exit(0 if clients.client(url)[0] is not parent_fs else 1)
+
+
+def test_one_client_per_process_and_options_with_s3_checksums_only_when_required(monkeypatch):
+    import multiprocessing
+
+    from pipeline import clients
+
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    base = "http://127.0.0.1:9/shards"  # nothing is fetched: clients connect on first use
+    fs, path = clients.client(f"{base}/batch-1.tar")
+    assert path == f"{base}/batch-1.tar"
+    assert clients.client(f"{base}/batch-2.tar")[0] is fs  # every shard, index and retry
+    assert clients.client(f"{base}/batch-1.tar", {"headers": {"X-Token": "1"}})[0] is not fs
+    cached = clients.client(f"simplecache::{base}/batch-1.tar")[0]
+    assert clients.client(f"simplecache::{base}/batch-2.tar")[0] is cached  # one cache folder for all
+    s3 = clients.client("s3://bucket/batch-1.tar", {"key": "k", "secret": "s"})[0]
+    assert s3.config_kwargs == {"response_checksum_validation": "when_required",
+                                "request_checksum_calculation": "when_required"}
+    mine = clients.client("s3://bucket/batch-1.tar", {"config_kwargs": {"response_checksum_validation": "when_supported"}})[0]
+    assert mine.config_kwargs["response_checksum_validation"] == "when_supported"  # the user's choice wins
+    child = multiprocessing.get_context("fork").Process(target=_child_makes_its_own_client, args=(f"{base}/b.tar", fs))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0  # a forked worker never uses its parent's client
+    clients.close_clients()
+    assert clients.client(f"{base}/batch-1.tar")[0] is not fs
