@@ -93,7 +93,8 @@ def _index_intact(out: str, record) -> bool:
     if not isinstance(record, dict):
         return False
     path = os.path.join(out, os.path.basename(str(record.get("name", ""))))
-    return os.path.isfile(path) and os.path.getsize(path) == record.get("bytes") and _sha256(path) == record.get("sha256")
+    return (os.path.isfile(path) and os.path.getsize(path) == record.get("bytes")
+            and _sha256(path) == record.get("sha256"))
 
 
 def _remove_temporaries(out: str) -> None:

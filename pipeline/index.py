@@ -28,6 +28,7 @@ from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
+_warned_missing: set[str] = set()
 
 
 def index_url(url: str) -> str:
@@ -97,6 +98,9 @@ def load_index(url: str, storage_options: dict | None = None, *, expected: dict 
     else:
         data = read_whole(location, storage_options, retries=retries, retry_wait=retry_wait)
         if data is None:
+            if expected and location not in _warned_missing:
+                _warned_missing.add(location)
+                log.warning("%s: listed in the manifest but missing; reading the shard without it", location)
             return None
         if expected and "sha256" in expected and record(data)["sha256"] != expected["sha256"]:
             log.warning("%s: not the index the manifest lists (sha256 differs); reading the shard without it",

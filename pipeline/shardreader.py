@@ -128,9 +128,10 @@ def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_
                     current.error = damage  # the damage is inside this sample
                 yield current
             rest = "(the shard has no index to resume from)"
+            first = max(number + 1, start)
             if stop is None:
-                yield ShardSample(f"#{max(number + 1, start)}", url, error=f"{damage}; the rest of the shard is lost {rest}")
-            for lost in range(max(number + 1, start), stop or 0):
+                yield ShardSample(f"#{first}", url, error=f"{damage}; the rest of the shard is lost {rest}")
+            for lost in range(first, stop or 0):
                 yield ShardSample(f"#{lost}", url, error=f"{damage}; lost with the rest of the shard {rest}")
             return
     if current is not None:
