@@ -215,7 +215,7 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
             drop = server.drop_after is not None and server.requests[self.path] == 1 \
                 and end - start > server.drop_after
             if drop:
-                server.dropped.add(self.path)
+                server.dropped[self.path] = (start, end)
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         if status == 206:
@@ -251,7 +251,7 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 class CountingServer:
     """A running counting HTTP server: its base `url`, and per path the body bytes `sent`, the
     number of `requests` and the byte range [start, end) each GET or HEAD asked for (`asked`);
-    the paths whose connection it `dropped`."""
+    the range of each path whose connection it `dropped`."""
 
     def __init__(self, server):
         self.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -281,7 +281,7 @@ def counting_http(root, *, ranges: bool = True, drop_after: int | None = None):
     handler = functools.partial(_CountingHandler, directory=os.fspath(root))
     server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    server.lock, server.requests, server.sent, server.asked, server.dropped = threading.Lock(), {}, {}, {}, set()
+    server.lock, server.requests, server.sent, server.asked, server.dropped = threading.Lock(), {}, {}, {}, {}
     server.ranges, server.drop_after = ranges, drop_after
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
