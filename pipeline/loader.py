@@ -115,7 +115,8 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     manifest's size and sha256, for later epochs and runs (pipeline.cache); the processes of
     one machine may share it.
     Raises PipelineError (naming the pattern, URL or option) before the first batch when the
-    shards cannot be found or the first one cannot be opened.
+    shards cannot be found, the first one cannot be opened or cache_dir cannot be written.
+    Damaged tar data never raises: each sample it costs is skipped and reported.
     """
     for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
                                ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
