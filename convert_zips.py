@@ -2,7 +2,8 @@
 
     python convert_zips.py --dataset data/seed --out shards/
 
-Writes batch-{1..N}.tar (training), val-{1..M}.tar (every sample of the held-out backgrounds)
+Writes batch-{1..N}.tar (training), val-{1..M}.tar (every sample of the held-out backgrounds),
+a byte index beside each shard (batch-1.tar.idx: where each sample starts, for ranged reads)
 and manifest.json. Samples are spread over the shards by a seeded permutation, so each shard
 mixes all zips. Shards appear only when complete, and a re-run resumes an interrupted job.
 """
@@ -22,7 +23,7 @@ from seedzips import tarwriter
 from seedzips.errors import ConvertError
 from seedzips.index import index_dataset
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: every shard has an index beside it, listed in its entry
 TEMPORARY = ".tmp"  # suffix of a shard or manifest being written; renamed away when complete
 
 
@@ -78,6 +79,24 @@ def _write_json(path: str, record: dict) -> None:
     os.replace(path + TEMPORARY, path)
 
 
+def _write_index(out: str, name: str, index) -> dict:
+    """Write shard `name`'s byte index beside it; return its manifest record."""
+    data = schema.encode_index(index)
+    path = os.path.join(out, schema.index_name(name))
+    with open(path + TEMPORARY, "wb") as f:
+        f.write(data)
+    schema.replace_durably(path + TEMPORARY, path)
+    return {"name": schema.index_name(name), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _index_intact(out: str, record) -> bool:
+    if not isinstance(record, dict):
+        return False
+    path = os.path.join(out, os.path.basename(str(record.get("name", ""))))
+    return (os.path.isfile(path) and os.path.getsize(path) == record.get("bytes")
+            and _sha256(path) == record.get("sha256"))
+
+
 def _remove_temporaries(out: str) -> None:
     """Delete shards an interrupted run left half-written (they are rewritten if still wanted)."""
     prefixes = tuple(f"{prefix}-" for prefix in (schema.TRAIN_PREFIX, schema.VAL_PREFIX))
@@ -93,20 +112,22 @@ def _reusable(out: str, header: dict) -> dict:
     try:
         with open(path) as f:
             old = json.load(f)
-        old_entries = [(e["name"], e["bytes"], e["sha256"]) for e in old.get("shards", [])]
+        old_entries = [(e["name"], e["bytes"], e["sha256"], e.get("index")) for e in old.get("shards", [])]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}  # no manifest, or not one of ours: every shard is rewritten
     if any(old.get(field) != value for field, value in header.items()):
         print(f"{path} was made with other options or inputs; starting over", file=sys.stderr)
-        for name, _, _ in old_entries:
-            if os.path.isfile(os.path.join(out, os.path.basename(name))):
-                os.remove(os.path.join(out, os.path.basename(name)))
+        for name, _, _, _ in old_entries:
+            for path in (os.path.basename(name), schema.index_name(os.path.basename(name))):
+                if os.path.isfile(os.path.join(out, path)):
+                    os.remove(os.path.join(out, path))
         return {}
     done = {}
-    for name, size, sha256 in old_entries:
+    for name, size, sha256, index in old_entries:
         shard = os.path.join(out, os.path.basename(name))
-        if os.path.isfile(shard) and os.path.getsize(shard) == size and _sha256(shard) == sha256:
-            done[name] = {"bytes": size, "sha256": sha256}
+        if os.path.isfile(shard) and os.path.getsize(shard) == size and _sha256(shard) == sha256 \
+                and _index_intact(out, index):
+            done[name] = {"bytes": size, "sha256": sha256, "index": index}
     return done
 
 
@@ -162,9 +183,10 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
         bar = tqdm(total=sum(len(samples) for _, samples in todo), unit="sample", desc="converting",
                    leave=False, disable=not progress)
 
-        def finish(path: str, sha256: str) -> None:
+        def finish(path: str, sha256: str, shard_index) -> None:
             name = os.path.basename(path)[: -len(TEMPORARY)]
-            entries[name] = {"bytes": os.path.getsize(path), "sha256": sha256}
+            entries[name] = {"bytes": os.path.getsize(path), "sha256": sha256,
+                             "index": _write_index(out, name, shard_index)}
             os.replace(path, os.path.join(out, name))
             _write_json(manifest_path, _manifest(header, plan, entries, index.skipped, False))
 

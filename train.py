@@ -200,6 +200,7 @@ def train(args, ctx: distributed.Context) -> None:
     train_urls = expand_urls(args.shards, args.storage_options)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
+                       cache_dir=args.cache_dir,
                        pin_memory=ctx.device.type == "cuda")
     # Epoch 0's loader tells the epoch length (it raises when a rank gets no batch) and, unless
     # resuming elsewhere, is the one the loop runs: its manifest read and probe happen once.

@@ -13,6 +13,7 @@ the augmentation. pipeline.schema is the sample contract shared with the write s
 # not pay for importing torch.
 _EXPORTS = {
     "Batch": "pipeline.augment",
+    "close_clients": "pipeline.clients",
     "Loader": "pipeline.loader",
     "make_loader": "pipeline.loader",
     "PipelineError": "pipeline.errors",

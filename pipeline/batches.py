@@ -48,12 +48,15 @@ class StreamConfig:
     storage_options: dict
     retries: int
     retry_wait: float
+    shards: tuple = ()  # shardreader.ShardInfo per URL
+    cache_dir: str | None = None
 
 
 def _samples(slot: Slot, config: StreamConfig):
     for shard, start, stop in slot.ranges:
         yield from read_samples(config.urls[shard], start, stop, config.storage_options,
-                                retries=config.retries, retry_wait=config.retry_wait)
+                                retries=config.retries, retry_wait=config.retry_wait,
+                                info=config.shards[shard] if config.shards else None, cache_dir=config.cache_dir)
 
 
 def _shuffled(samples, size: int, rng: random.Random):

@@ -1,7 +1,7 @@
 """make_loader: shard URLs to an iterable of decoded batches (with their augmentation draws) for one rank."""
 
-import gc
 import logging
+import os
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -10,7 +10,8 @@ from pipeline.augment import Batch
 from pipeline.batches import ERROR, INDEX, SKIPPED, StreamConfig, slot_batches
 from pipeline.errors import PipelineError
 from pipeline.plan import batches_to_skip, plan_epoch
-from pipeline.sources import expand_urls, open_shard, shard_sizes as find_shard_sizes
+from pipeline.shardreader import prepare_shards
+from pipeline.sources import expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,6 @@ class Loader:
         # Workers deliver round robin; reorder by planned index so the sequence never
         # depends on which worker runs ahead (and start_batch can begin at any worker).
         pending, expected = {}, self.start_batch
-        # Free the clients of earlier reads now: forked workers would inherit them and
-        # fail to close them on their own event loop.
-        gc.collect()
         for batch in self._dataloader:
             if ERROR in batch:
                 raise PipelineError(batch[ERROR])
@@ -93,7 +91,7 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
                 seed: int = 0, epoch: int = 0, storage_options: dict | None = None,
                 rank: int | None = None, world_size: int | None = None, start_batch: int = 0,
                 pin_memory: bool | None = None, shuffle_buffer: int = 512, shard_sizes=None,
-                retries: int = 5, retry_wait: float = 1.0) -> Loader:
+                retries: int = 5, retry_wait: float = 1.0, cache_dir: str | os.PathLike | None = None) -> Loader:
     """A Loader over this rank's share of one epoch of shards.
 
     Each batch is a pipeline.Batch (a dict): ``bg``, ``bgfg`` uint8 [B,3,H,W] (channels-last
@@ -110,10 +108,15 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     seed and epoch, samples in a buffer of `shuffle_buffer`), eval yields every sample once.
     The same arguments give the same batches; start_batch=n gives them minus the first n
     (skipped without decoding). Sample counts come from `shard_sizes` (list, or name ->
-    count), else the manifest beside the shards, else (local files) a tar header scan.
-    Transient read errors are retried `retries` times, waiting retry_wait * 2**attempt.
+    count), else the manifest beside the shards, else their index, else (local files) a tar
+    header scan. Each worker fetches only the bytes of its samples where a shard has an index
+    (see pipeline.shardreader). Transient read errors are retried `retries` times, waiting
+    retry_wait * 2**attempt. cache_dir: keep remote shards there, checked against the
+    manifest's size and sha256, for later epochs and runs (pipeline.cache); the processes of
+    one machine may share it.
     Raises PipelineError (naming the pattern, URL or option) before the first batch when the
-    shards cannot be found or the first one cannot be opened.
+    shards cannot be found, the first one cannot be opened or cache_dir cannot be written.
+    Damaged tar data never raises: each sample it costs is skipped and reported.
     """
     for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
                                ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
@@ -125,11 +128,10 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
         raise PipelineError(f"rank {rank} is outside world size {world_size}")
     storage_options = dict(storage_options or {})
     url_list = expand_urls(urls, storage_options)
-    sizes = find_shard_sizes(url_list, storage_options, shard_sizes)
-    # A peek, not a read: on an object store the default block would fetch 16 MiB per epoch.
-    with open_shard(url_list[0], storage_options, retries=retries, retry_wait=retry_wait, block_size=1 << 16) as probe:
-        if len(probe.read(512)) < 512:
-            raise PipelineError(f"{url_list[0]}: too short to be a tar shard")
+    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+    shards = prepare_shards(url_list, storage_options, shard_sizes, retries=retries, retry_wait=retry_wait,
+                            cache_dir=cache_dir)
+    sizes = [shard.samples for shard in shards]
     slot_count = max(workers, 1)
     plan = plan_epoch(sizes, world_size=world_size, workers=slot_count, batch_size=batch_size,
                       train=train, seed=seed, epoch=epoch)
@@ -139,7 +141,8 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     if start_batch > plan.batches_per_rank:
         raise PipelineError(f"start_batch {start_batch} is past the epoch's {plan.batches_per_rank} batches")
     config = StreamConfig(tuple(url_list), batch_size, image_size, train, seed, epoch, rank,
-                          slot_count, shuffle_buffer, storage_options, retries, retry_wait)
+                          slot_count, shuffle_buffer, storage_options, retries, retry_wait,
+                          tuple(shards), cache_dir)
     dataset = _RankStream(plan.slots[rank], config, start_batch)
     dataloader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

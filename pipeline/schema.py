@@ -4,8 +4,10 @@ Every part of the project (generator, converter, pipeline, training, tests) impo
 names instead of spelling them out, so the format is defined in exactly one place.
 """
 
+import json
 import os
 import re
+from typing import NamedTuple
 
 # --- The seed dataset (what convert_zips.py reads and seedzips.synthetic writes) ---------
 ZIP_DIR = "zipFiles"
@@ -86,6 +88,53 @@ def shard_name(prefix: str, index: int) -> str:
 # Manifest "split" of each shard (batch-*.tar -> train, val-*.tar -> val).
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"
+
+
+# --- The per-sample byte index beside each shard -------------------------------------------
+# batch-1.tar.idx: one line of JSON, {"format", "shard_bytes", "keys", "offsets"}: sample i is
+# keys[i] and spans bytes [offsets[i], offsets[i+1]) of the shard (from its first member's first
+# header block); offsets has one entry more than keys, the end of the last sample (where the
+# end-of-archive blocks begin); shard_bytes is the whole file's size. Written compactly with
+# sorted fields, so the same shard always gets the same index bytes, whoever writes it.
+INDEX_SUFFIX = ".idx"
+INDEX_FORMAT = "bgfg-depth shard index 1"
+
+
+def index_name(shard) -> str:
+    """The index file beside a shard: batch-1.tar -> batch-1.tar.idx (a name or a path)."""
+    return os.fspath(shard) + INDEX_SUFFIX
+
+
+class ShardIndex(NamedTuple):
+    keys: list[str]
+    offsets: list[int]  # len(keys) + 1 entries, ascending
+    shard_bytes: int
+
+
+def encode_index(index: ShardIndex) -> bytes:
+    record = {"format": INDEX_FORMAT, "keys": list(index.keys), "offsets": list(index.offsets),
+              "shard_bytes": index.shard_bytes}
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_index(data: bytes) -> ShardIndex:
+    """The index in `data`; raises ValueError (saying what is wrong) unless it is a valid one."""
+    try:
+        record = json.loads(data)
+        keys, offsets, size = record["keys"], record["offsets"], record["shard_bytes"]
+        fmt = record["format"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"not a shard index ({type(error).__name__}: {error})") from None
+    if fmt != INDEX_FORMAT:
+        raise ValueError(f"index format {fmt!r}, expected {INDEX_FORMAT!r}")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            and isinstance(offsets, list) and all(type(o) is int for o in offsets) and type(size) is int):
+        raise ValueError("index fields have the wrong types")
+    if len(offsets) != len(keys) + 1:
+        raise ValueError(f"index has {len(offsets)} offsets for {len(keys)} keys")
+    if offsets[0] < 0 or offsets[-1] > size or any(a >= b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("index offsets are not ascending within the shard")
+    return ShardIndex(keys, offsets, size)
 
 
 # --- How files of the contract appear (shards, indexes, manifests, checkpoints, cache) ----

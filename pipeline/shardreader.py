@@ -1,25 +1,33 @@
-"""Reading shards: a tar stream to samples (consecutive members sharing a key) in a sample range.
+"""Reading shards: a sample range of a shard to samples (consecutive members sharing a key).
 
-The tar headers are parsed here rather than by `tarfile`: its stream mode costs several
-times the JPEG decode per sample in Python overhead, while the shards need only ustar
-names and sizes (plus GNU long names and pax paths, for tars written by other tools).
+With the shard's byte index, exactly the bytes of the range are fetched (pipeline.streams),
+each sample is parsed within its own bytes, and damaged tar data costs only the sample it is
+in: reading goes on at the next sample's offset. Without an index the shard streams from its
+first byte, and damage there loses the rest of the range: every lost sample is still
+reported, numbered, since its key cannot be known. Malformed tar data never raises here;
+only storage that cannot be read does (PipelineError).
 """
 
+import logging
 from dataclasses import dataclass, field
 
-from pipeline import schema
-from pipeline.sources import open_shard
+from pipeline import cache, schema
+from pipeline.clients import is_local
+from pipeline.errors import PipelineError
+from pipeline.index import index_url, load_index, record
+from pipeline.sources import count_local_samples, explicit_sizes, manifest_entries, shard_basename
+from pipeline.streams import open_range, read_whole
+from pipeline.tarstream import BLOCK, TarFormatError, iter_members
 
-BLOCK = 512
+log = logging.getLogger(__name__)
 
-
-class TarFormatError(ValueError):
-    """The stream is not a well-formed tar (bad header checksum, or cut off)."""
+_warned_no_index: set[str] = set()  # shards said to have no index, so later epochs do not say it again
 
 
 @dataclass
 class ShardSample:
-    """One sample's raw members (suffix -> bytes); `error` is set when the shard broke off."""
+    """One sample's raw members (suffix -> bytes); `error` says why it is lost, when it is
+    (its key is then "#N", the sample's number in the shard, where no index names it)."""
 
     key: str
     shard: str
@@ -27,103 +35,185 @@ class ShardSample:
     error: str | None = None
 
 
-def _read_exactly(stream, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise TarFormatError(f"cut off inside a member ({len(data)} of {size} bytes)")
-    return data
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a reader knows of a shard before reading it: its sample count, its manifest
+    record ({"bytes", "sha256"}, or None) and its index's ({"bytes", "sha256"}; None: no
+    index, read it front to back)."""
+
+    url: str
+    samples: int
+    shard: dict | None
+    index: dict | None
 
 
-def _size(field_bytes: bytes) -> int:
-    if field_bytes[0] & 0x80:  # GNU base-256 for members of 8 GiB and more
-        return int.from_bytes(field_bytes[1:], "big")
-    digits = field_bytes.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
+class _Bounded:
+    """The next `size` bytes of a stream, as a stream; a short read means the shard was cut."""
+
+    def __init__(self, stream, size: int, offset: int):
+        self.stream, self.left, self.offset = stream, size, offset
+
+    def read(self, size: int) -> bytes:
+        size = min(size, self.left)
+        data = self.stream.read(size)
+        if len(data) != size:
+            raise TarFormatError(f"cut off at byte {self.offset + len(data)}")
+        self.left -= size
+        self.offset += size
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+    def drain(self) -> None:
+        while self.left:
+            self.read(min(self.left, 1 << 20))
 
 
-def _pax_path(data: bytes) -> str | None:
-    for record in data.decode("utf-8", "replace").splitlines():
-        _, _, entry = record.partition(" ")
-        key, _, value = entry.partition("=")
-        if key == "path":
-            return value
-    return None
+def _indexed(url, source, index, start, stop, storage_options, want, retries, retry_wait):
+    count = len(index.keys)
+    last = min(stop, count)
+    if start < last:
+        begin, end = index.offsets[start], index.offsets[last]
+        with open_range(source, storage_options, start=begin, end=end, retries=retries,
+                        retry_wait=retry_wait) as stream:
+            for number in range(start, last):
+                key, offset = index.keys[number], index.offsets[number]
+                sample = ShardSample(key, url)
+                view = _Bounded(stream, index.offsets[number + 1] - offset, offset)
+                try:
+                    for member_offset, member_key, suffix, data in iter_members(view, want, offset):
+                        if member_key != key:
+                            raise TarFormatError(f"member {member_key}.{suffix} at byte {member_offset} "
+                                                 f"is not part of sample {key} (index and shard disagree)")
+                        if data is not None:
+                            sample.members[suffix] = data
+                    view.drain()
+                except TarFormatError as error:
+                    sample.error = f"damaged tar data: {error}"
+                    try:
+                        view.drain()
+                    except TarFormatError:
+                        pass  # cut off: the next samples find the stream ended too
+                yield sample
+    for number in range(max(start, count), stop):
+        yield ShardSample(f"#{number}", url, error=f"shard holds {count} samples (by its index), {stop} expected")
 
 
-def iter_members(stream, want):
-    """Yield (key, suffix, data) for the regular files of a tar stream; data is None unless
-    want(key, suffix). Unwanted data is read past, never kept. Raises TarFormatError on a
-    damaged stream.
-    """
-    long_name = None
-    while True:
-        header = stream.read(BLOCK)
-        if not header.strip(b"\0"):
-            return  # end-of-archive block (or a clean end of stream)
-        if len(header) != BLOCK:
-            raise TarFormatError("cut off inside a header")
-        if _size(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise TarFormatError("bad header checksum")
-        size, kind = _size(header[124:136]), header[156:157]
-        padded = -(-size // BLOCK) * BLOCK
-        if kind in (b"L", b"x"):  # the next member's full name (GNU long name, pax path)
-            data = _read_exactly(stream, padded)[:size]
-            long_name = data.rstrip(b"\0").decode() if kind == b"L" else _pax_path(data) or long_name
-            continue
-        name = long_name or header[:100].split(b"\0", 1)[0].decode()
-        if not long_name and header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        long_name = None
-        if kind not in (b"0", b"\0", b"7"):  # directories, links and the like hold no sample data
-            _read_exactly(stream, padded)
-            continue
-        key, suffix = schema.split_member(name)
-        data = _read_exactly(stream, size) if want(key, suffix) else None
-        _read_exactly(stream, padded - size if data is not None else padded)  # padding, or all of it
-        yield key, suffix, data
-
-
-def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
-                 wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0):
-    """Yield samples number start..stop-1 of a shard (stop None: to its end), reading only as
-    far as needed.
-
-    Members of samples before `start` are streamed past without being kept, members not in
-    `wanted` are skipped. A shard that breaks off marks the sample it broke in with `error`
-    (or, between samples, ends with a ShardSample carrying only the `error`), and one that ends
-    cleanly before `stop` ends with such an error ShardSample too, so the caller can report it
-    and go on.
-    """
-    index, key, current, broken, short = -1, None, None, None, None
+def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait):
+    number, key, current = -1, None, None
     end = float("inf") if stop is None else stop
 
     def want(member_key, suffix):  # is this member's sample in range, and one we use?
-        member_index = index + (member_key != key)
-        return start <= member_index < end and suffix in wanted
+        return start <= number + (member_key != key) < end and suffix in wanted
 
-    with open_shard(url, storage_options, retries=retries, retry_wait=retry_wait) as stream:
+    with open_range(source, storage_options, retries=retries, retry_wait=retry_wait) as stream:
         try:
-            for member_key, suffix, data in iter_members(stream, want):
+            for _, member_key, suffix, data in iter_members(stream, want):
                 if member_key != key:
                     if current is not None:
                         yield current
                         current = None
-                    index, key = index + 1, member_key
-                    if index >= end:
-                        break
-                    if index >= start:
+                    number, key = number + 1, member_key
+                    if number >= end:
+                        return
+                    if number >= start:
                         current = ShardSample(key, url)
                 if current is not None and data is not None:
                     current.members[suffix] = data
-            else:
-                if stop is not None and index + 1 < stop:
-                    short = f"shard holds {index + 1} samples, {stop} expected"
         except TarFormatError as error:
-            broken = f"shard ends early: {error}"
+            damage = f"damaged tar data: {error}"
+            if current is not None:
+                if not set(wanted) <= set(current.members):
+                    current.error = damage  # the damage is inside this sample
+                yield current
+            rest = "(the shard has no index to resume from)"
+            first = max(number + 1, start)
+            if stop is None:
+                yield ShardSample(f"#{first}", url, error=f"{damage}; the rest of the shard is lost {rest}")
+            for lost in range(first, stop or 0):
+                yield ShardSample(f"#{lost}", url, error=f"{damage}; lost with the rest of the shard {rest}")
+            return
     if current is not None:
-        current.error = broken  # the sample it broke off in, if it broke
         yield current
-    elif broken is not None:
-        yield ShardSample(key or "", url, error=broken)
-    if short is not None:
-        yield ShardSample(key or "", url, error=short)
+    for lost in range(max(number + 1, start), stop or 0):
+        yield ShardSample(f"#{lost}", url, error=f"shard holds {number + 1} samples, {stop} expected")
+
+
+def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
+                 wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0,
+                 info: ShardInfo | None = None, cache_dir: str | None = None):
+    """Yield samples number start..stop-1 of a shard (stop None: to its end), one ShardSample
+    each, reading only their bytes where the shard has an index (see the module docstring).
+
+    Only members in `wanted` are kept. A sample the data cannot give (damaged or cut-off tar
+    data, a shard with fewer samples than `stop`) is yielded with `error` set, one per lost
+    sample, so the caller can count and report each. `info` (from prepare_shards) is what the
+    main process learnt of the shard; without it, an index beside the shard is used if there
+    is one. With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache).
+    """
+    index = None
+    if info is None or info.index is not None:
+        index = load_index(url, storage_options, expected=info.index if info else None,
+                           cache_dir=cache_dir, retries=retries, retry_wait=retry_wait)
+    source = url
+    if cache_dir is not None and not is_local(url):
+        source = cache.fetch(cache_dir, url, shard_basename(url), info.shard if info else None, storage_options,
+                             retries=retries, retry_wait=retry_wait) or url
+    if index is None:
+        yield from _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait)
+    else:
+        yield from _indexed(url, source, index, start, len(index.keys) if stop is None else stop,
+                            storage_options, lambda key, suffix: suffix in wanted, retries, retry_wait)
+
+
+def _discover(url: str, storage_options, retries: int, retry_wait: float) -> dict | None:
+    """The record of the index beside a shard the manifest does not describe, or None (with
+    one warning per process naming the shard)."""
+    data = read_whole(index_url(url), storage_options, retries=retries, retry_wait=retry_wait)
+    if data is None and url not in _warned_no_index:
+        _warned_no_index.add(url)
+        log.warning("%s has no index beside it: every worker reading part of it streams it from its "
+                    "first byte (python -m pipeline.index makes one)", url)
+    return None if data is None else record(data)
+
+
+def prepare_shards(urls: list[str], storage_options: dict | None = None, explicit=None, *,
+                   retries: int = 5, retry_wait: float = 1.0, cache_dir: str | None = None) -> list[ShardInfo]:
+    """What the workers need to know of each shard, found out once, in the main process.
+
+    Sample counts come from `explicit` (list, or name -> count), else the manifest beside the
+    shards, else the shard's index, else (local files) a header scan. Shards the manifest does
+    not describe are looked up for an index beside them (one warning for each that has none).
+    Then the first shard is probed (its first 512 bytes, or its cached copy) and cache_dir
+    checked, so a wrong URL, missing credentials or an unwritable cache fail here, naming it.
+    """
+    entries = manifest_entries(urls, storage_options, retries=retries, retry_wait=retry_wait)
+    counts = explicit_sizes(urls, explicit) if explicit is not None else [None] * len(urls)
+    shards = []
+    for url, entry, count in zip(urls, entries, counts):
+        index = (entry or {}).get("index") or _discover(url, storage_options, retries, retry_wait)
+        if count is None and entry is not None:
+            count = int(entry["samples"])
+        if count is None and index is not None:
+            found = load_index(url, storage_options, expected=index, retries=retries, retry_wait=retry_wait)
+            count = None if found is None else len(found.keys)
+        if count is None and is_local(url):
+            count = count_local_samples(url)
+        if count is None:
+            raise PipelineError(f"{url}: no sample count for it in the {schema.MANIFEST} beside it nor an "
+                                "index; put the converter's manifest beside the shards or pass shard_sizes")
+        shards.append(ShardInfo(url, count, entry, index))
+    if cache_dir is not None:
+        cache.check_cache_dir(cache_dir)
+    _probe(shards[0], storage_options, retries, retry_wait, cache_dir)
+    return shards
+
+
+def _probe(shard: ShardInfo, storage_options, retries: int, retry_wait: float, cache_dir: str | None) -> None:
+    source = shard.url
+    if cache_dir is not None and not is_local(shard.url):
+        source = cache.lookup(cache_dir, shard_basename(shard.url), shard.shard) or source
+    with open_range(source, storage_options, end=BLOCK, retries=retries, retry_wait=retry_wait) as probe:
+        if len(probe.read(BLOCK)) < BLOCK:
+            raise PipelineError(f"{shard.url}: too short to be a tar shard")

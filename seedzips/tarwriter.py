@@ -146,31 +146,36 @@ class _PrefixHash:
         return self.hashed == len(self.bounds) - 1
 
 
-def _layout(path: str, records: list, part_samples: int) -> tuple[list, list]:
-    """(part bounds, [(path, offset, records)]) of one shard cut into parts; the last bound is
-    the archive size, the last part's span including the end-of-archive blocks."""
-    offset, bounds, tasks = 0, [], []
+def _layout(path: str, records: list, part_samples: int) -> tuple[list, list, schema.ShardIndex]:
+    """(part bounds, [(path, offset, records)], the shard's byte index) of one shard cut into
+    parts; the last bound is the archive size, the last part's span including the
+    end-of-archive blocks."""
+    offset, bounds, tasks, offsets = 0, [], [], []
     for start in range(0, len(records), part_samples):
         bounds.append(offset)
         tasks.append((path, offset, records[start:start + part_samples]))
         for sample, bg_size, metadata in tasks[-1][2]:
+            offsets.append(offset)
             sizes = (bg_size, len(metadata)) + tuple(member.file_size for member in sample.members)
             offset += sum(_span(size) for size in sizes)
+    offsets.append(offset)
     bounds.append(-(-(offset + 2 * BLOCK) // RECORD) * RECORD)  # two zero blocks end the archive
-    return bounds, tasks
+    index = schema.ShardIndex([sample.key for sample, _, _ in records], offsets, bounds[-1])
+    return bounds, tasks, index
 
 
 def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on_part, on_shard) -> None:
     """Write each (path, records) of `shards`, records being (SeedSample, bg size, json bytes).
 
-    Calls on_part(samples) as parts finish and on_shard(path, sha256 hex) once a shard's file is
-    complete, in completion order. Raises ConvertError (bad input) or OSError (output).
+    Calls on_part(samples) as parts finish and on_shard(path, sha256 hex, schema.ShardIndex) once
+    a shard's file is complete, in completion order; the index comes from the layout, computed
+    before any byte is written, so it costs no re-read. Raises ConvertError (bad input) or OSError (output).
     """
     total = sum(len(records) for _, records in shards)
     part_samples = min(max(-(-total // (workers * 4)), _PART_SAMPLES[0]), _PART_SAMPLES[1])
-    tasks, hashes = [], {}
+    tasks, hashes, indexes = [], {}, {}
     for path, records in shards:
-        bounds, parts = _layout(path, records, part_samples)
+        bounds, parts, indexes[path] = _layout(path, records, part_samples)
         with open(path, "wb") as f:
             f.truncate(bounds[-1])
         hashes[path] = _PrefixHash(path, bounds)
@@ -187,7 +192,7 @@ def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on
             on_part(samples)
             part, (path, _, _) = tasks[number]
             if hashes[path].part_done(part):
-                on_shard(path, hashes[path].digest.hexdigest())
+                on_shard(path, hashes[path].digest.hexdigest(), indexes[path])
     finally:
         if pool is None:
             _close_zips()

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
     data.add_argument("--image-size", type=_positive(int), default=224, help="square training size (multiple of 32)")
     data.add_argument("--retries", type=int, default=5, help="retries of a failing shard read (backoff 1, 2, 4... s)")
+    data.add_argument("--cache-dir", help="keep remote shards in this local folder (checked against the manifest's "
+                      "sha256) for later epochs and runs; the ranks of one machine may share it")
     data.add_argument(
         "--storage-option",
         dest="storage_options",

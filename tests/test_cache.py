@@ -1,0 +1,87 @@
+"""The local shard cache shared by processes: one download per file, never a half-written or
+unverified copy, a stale temporary file replaced, an unusable folder named in one line."""
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+
+import pytest
+import servers  # tests/servers.py: pytest puts this folder on the path
+
+from pipeline import PipelineError, cache, make_loader, schema
+from pipeline.shardreader import read_samples
+
+SHARD = schema.shard_name(schema.TRAIN_PREFIX, 1)
+
+
+@pytest.fixture
+def served(shard_dir, tmp_path):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    shutil.copy(shard_dir / SHARD, folder)
+    data = (folder / SHARD).read_bytes()
+    with servers.counting_http(folder) as server:
+        yield server, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, data
+
+
+def _fetch_after(barrier, out, cache_dir, url, expected):
+    barrier.wait(timeout=30)
+    out.put(cache.fetch(cache_dir, url, SHARD, expected, None, retries=0))
+
+
+def test_processes_sharing_a_cache_download_each_file_once(served, tmp_path):
+    server, expected, data = served
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    final = cache_dir / cache.cached_name(SHARD, expected)
+    (cache_dir / (final.name + ".part")).write_bytes(b"left by a killed download")
+    context = multiprocessing.get_context("fork")
+    barrier, out = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_fetch_after, args=(barrier, out, str(cache_dir), f"{server.url}/{SHARD}",
+                                                            expected)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    paths = {out.get(timeout=60) for _ in processes}
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert paths == {str(final)}
+    assert final.read_bytes() == data
+    assert server.bytes_sent() == len(data)  # one download; the others waited, then read the copy
+    assert sorted(os.listdir(cache_dir)) == [final.name, final.name + ".lock"]  # the stale .part is gone
+
+
+def test_a_download_that_does_not_match_the_manifest_is_not_kept(served, tmp_path, caplog):
+    server, expected, data = served
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    wrong = {"bytes": expected["bytes"], "sha256": "0" * 64}
+    url = f"{server.url}/{SHARD}"
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
+        assert cache.fetch(str(cache_dir), url, SHARD, wrong, None) is None
+        assert cache.fetch(str(cache_dir), url, SHARD, wrong, None) is None  # not tried twice
+    assert [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()] == [
+        f"{url}: not cached: {len(data)} bytes with sha256 {expected['sha256'][:12]}..., the manifest "
+        f"says {len(data)} bytes, 000000000000..."]
+    assert server.bytes_sent() == len(data)
+    assert os.listdir(cache_dir) == [cache.cached_name(SHARD, wrong) + ".lock"]
+
+
+def test_local_shards_are_read_in_place_and_an_unusable_cache_dir_fails_in_one_line(shard_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    keys = [key for batch in make_loader(str(shard_dir / SHARD), batch_size=2, workers=0, image_size=16,
+                                         train=False, cache_dir=cache_dir) for key in batch["key"]]
+    assert keys and os.listdir(cache_dir) == []  # created, and nothing copied into it
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(PipelineError, match=f"cache_dir {tmp_path}/file/cache: cannot write there"):
+        make_loader(str(shard_dir / SHARD), batch_size=2, workers=0, cache_dir=tmp_path / "file" / "cache")
+
+
+def test_a_cached_shard_reads_as_the_remote_one(served, shard_dir, tmp_path):
+    server, expected, _ = served
+    url = f"{server.url}/{SHARD}"
+    remote = [(s.key, s.members) for s in read_samples(url, 0)]
+    from_cache = [(s.key, s.members) for s in read_samples(url, 0, cache_dir=str(tmp_path / "cache"))]
+    assert from_cache == remote
