@@ -1,0 +1,224 @@
+"""Real signals to real train.py processes (alone and under torchrun), and the run folder lock.
+
+Every process of a run carries a tag in its environment, so "no process left" is checked over
+the whole tree, DataLoader workers included, even those re-parented after their parent died.
+"""
+
+import functools
+import http.server
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import ROOT, TINY, run_train, weights
+from training.signals import DUPLICATE_WINDOW
+
+SCHEDULE = ["--steps", "10000"]  # far more than a test runs: it is stopped by a signal
+TAG = "BGFG_TEST_RUN"
+
+
+def wait_for(condition, what: str, timeout: float = 120.0):
+    """Poll `condition` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes (not zombies: a zombie's environment reads empty) carrying the tag."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if f"{TAG}={tag}".encode() in environ.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+class Job:
+    """A command started in a session of its own with a tag, its output in files."""
+
+    def __init__(self, command: list, folder: Path):
+        self.tag, self.folder = uuid.uuid4().hex, folder
+        self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT, start_new_session=True,
+                                            env={**os.environ, TAG: self.tag})
+
+    def wait(self, timeout: float = 120.0) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"{self.process.args[:3]} did not exit within {timeout:.0f}s:\n"
+                        f"{self.stderr.read_text()[-3000:]}")
+
+    def kill_all(self) -> None:
+        for pid in tagged_processes(self.tag):
+            os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.process.poll() is None:
+            self.kill_all()
+
+
+def start_train(shard_dir, out: Path, folder: Path, *extra) -> Job:
+    folder.mkdir(exist_ok=True)
+    return Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+                "--out", str(out), *TINY, *extra], folder)
+
+
+def trained(out: Path) -> bool:
+    """True once the run has logged a step (--log-every 1), i.e. training is under way."""
+    path = out / "metrics.jsonl"
+    return path.exists() and path.read_text().count("\n") >= 1
+
+
+def checkpoint_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["step"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM to the process", "SIGINT to the group (Ctrl-C)"])
+def test_a_signal_saves_last_pt_ends_the_workers_and_resume_continues_exactly(signum, whole_group, shard_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    with start_train(shard_dir, out, tmp_path / "logs", *SCHEDULE, "--workers", "2", "--no-val") as job:
+        wait_for(lambda: trained(out), "the first step")
+        if whole_group:  # what a terminal does: the workers get it too, and must leave it to train.py
+            os.killpg(job.process.pid, signum)
+        else:
+            job.process.send_signal(signum)
+        status = job.wait()
+        left = tagged_processes(job.tag)  # right after exit: nothing of the run may be alive
+    stdout, stderr = job.stdout.read_text(), job.stderr.read_text()
+    assert status == 128 + signum, stderr[-3000:]
+    assert left == []
+    assert "Traceback" not in stderr and f"train.py: {signal.Signals(signum).name}: stopping" in stderr
+    step = int(re.search(rf"stopped by {signal.Signals(signum).name} at step (\d+)", stdout).group(1))
+    assert checkpoint_step(out / "last.pt") == step
+
+    # Two more steps from last.pt give the weights of a run that was never interrupted.
+    assert run_train(shard_dir, out, "--steps", str(step + 2), "--schedule-steps", "10000", "--workers", "2",
+                     "--no-val", "--resume") == 0
+    whole = tmp_path / "whole"
+    assert run_train(shard_dir, whole, "--steps", str(step + 2), "--schedule-steps", "10000", "--workers", "2",
+                     "--no-val") == 0
+    assert_same_weights(whole / "last.pt", out / "last.pt")
+
+
+class _StallingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves manifest.json; of any other file only the first KiB, then nothing until released."""
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if path.name.endswith(".json"):
+            self.wfile.write(data)
+            return
+        self.wfile.write(data[:1024])
+        self.wfile.flush()
+        self.server.release.wait(timeout=300)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_second_signal_exits_at_once_even_while_a_step_waits_for_data(shard_dir, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_StallingHandler, directory=str(shard_dir)))
+    server.daemon_threads, server.release = True, threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "run"
+    try:
+        (tmp_path / "logs").mkdir()
+        job = Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{url}/batch-{{1..2}}.tar", "--out", str(out),
+                   *TINY, *SCHEDULE, "--workers", "2", "--no-val"], tmp_path / "logs")
+        with job:
+            wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
+            job.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping after the current step" in job.stderr.read_text(), "the first signal's notice")
+            first = time.monotonic()
+            # The step never gets its data. Repeats inside the window count as the first signal;
+            # the first one after it ends the process.
+            wait_for(lambda: job.process.send_signal(signal.SIGTERM) or job.process.poll() is not None,
+                     "the process to exit", timeout=60)
+            waited = time.monotonic() - first
+            left = tagged_processes(job.tag)
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+    stderr = job.stderr.read_text()
+    assert job.process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM again: exiting now without saving" in stderr and "Traceback" not in stderr
+    assert waited >= DUPLICATE_WINDOW and left == [] and not (out / "last.pt").exists()
+
+
+def test_torchrun_ranks_stop_after_the_same_step_when_every_process_gets_sigterm(shard_dir, tmp_path):
+    """As SLURM's scancel does it: torchrun, both ranks and their workers are signalled, and
+    torchrun forwards the signal to the ranks once more."""
+    out, logs = tmp_path / "ddp", tmp_path / "rank-logs"
+    command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+               "--redirects", "3", str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+               "--out", str(out), "--device", "cpu", *TINY[:-4], "--batch-size", "2", "--workers", "1",
+               "--log-every", "1", *SCHEDULE, "--no-val"]
+    with Job(command, tmp_path) as job:
+        wait_for(lambda: trained(out), "the first step")
+        for pid in tagged_processes(job.tag):
+            os.kill(pid, signal.SIGTERM)
+        assert job.wait() != 0  # torchrun reports that it was signalled
+        left = tagged_processes(job.tag)
+    assert left == []
+    rank_out = {path.parent.name: path.read_text() for path in logs.rglob("stdout.log")}
+    rank_err = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert sorted(rank_out) == sorted(rank_err) == ["0", "1"]
+    assert not any("Traceback" in text for text in rank_err.values()), rank_err
+    stopped = {rank: re.search(rf"rank {rank}/2: stopped by SIGTERM at step (\d+)", text).group(1)
+               for rank, text in rank_out.items()}
+    assert stopped["0"] == stopped["1"], rank_out
+    assert checkpoint_step(out / "last.pt") == int(stopped["0"])
+
+
+def test_a_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(shard_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with start_train(shard_dir, out, tmp_path / "logs", *SCHEDULE, "--no-val", "--save-every", "100000") as job:
+        wait_for(lambda: trained(out), "the first step")
+        assert run_train(shard_dir, out, "--steps", "1", "--no-val") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(out) in err and f"pid {job.process.pid} " in err, err
+        job.kill_all()  # SIGKILL: no chance to release anything
+    assert f"pid {job.process.pid} " in (out / ".lock").read_text()
+    assert run_train(shard_dir, out, "--steps", "1", "--no-val") == 0
+    assert f"taking over {out / '.lock'}" in capsys.readouterr().out
+    assert (out / ".lock").read_text() == ""  # released by a clean exit

@@ -1,0 +1,126 @@
+"""Checks that need the data or the device, made before the first step (train.py) or the first
+prediction (predict.py): a run that cannot go through fails now, in one line, instead of at
+its first validation or in an allocation failure deep inside a step.
+"""
+
+import tarfile
+from pathlib import Path
+
+import torch
+
+from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
+from pipeline import PipelineError, make_loader, schema
+from pipeline.sources import open_shard
+
+from . import UserError
+from .distributed import Context, fail_together
+
+_PROBE_BLOCK = 1 << 16  # one small ranged read per shard on an object store, not 16 MiB
+# Against the peak memory of real steps (CPU; widths 4-24, 224-1024 px, batches 1-8) the
+# estimate below came to 0.74-1.08 of it: a step also holds its input, gradients of activations
+# in flight and allocator slack.
+_MARGIN = 1.4
+
+
+def probe_shard(url: str, storage_options: dict | None = None, *, retries: int = 5) -> None:
+    """Raise UserError unless `url` opens and starts with a tar header (a peek, not a read)."""
+    with open_shard(url, storage_options, retries=retries, block_size=_PROBE_BLOCK) as stream:
+        block = stream.read(tarfile.BLOCKSIZE)
+    if not block:
+        raise UserError(f"{url} is empty, not a tar shard")
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EmptyHeaderError:
+        raise UserError(f"{url} holds no samples (an empty tar)") from None
+    except tarfile.HeaderError as error:
+        hint = f"; {schema.MANIFEST} describes the shards, pass one of them" if url.endswith(schema.MANIFEST) else ""
+        raise UserError(f"{url} is not a tar shard: {error}{hint}") from None
+
+
+def check_validation_shards(urls: list[str], loader_args: dict) -> None:
+    """Open every validation shard and plan a pass over them, as the first validation will."""
+    for url in urls:
+        try:
+            probe_shard(url, loader_args["storage_options"], retries=loader_args["retries"])
+        except (UserError, PipelineError) as error:
+            raise UserError(f"validation shard: {error}") from None
+    if urls:
+        make_loader(urls, train=False, epoch=0, **loader_args)  # sample counts, batches per rank
+
+
+def _state_bytes(config: UNetConfig, training: bool) -> int:
+    """The weights, and for training their gradients and AdamW's two moments (float32)."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        parameters = count_parameters(UNet(config))
+    return parameters * 4 * (4 if training else 1)
+
+
+def _activation_bytes(config: UNetConfig, image_size: int, batch_size: int, amp_dtype) -> int:
+    """What a training step keeps for its backward pass (also an upper bound for a forward pass
+    alone): measured on a small input on the CPU, scaled by pixels and batch."""
+    small = 2 * config.stride
+    model = UNet(config).to(memory_format=torch.channels_last)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()  # views of one tensor share it: count it once
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.zeros(1, config.in_channels, small, small).contiguous(memory_format=torch.channels_last)
+    target = torch.zeros(1, 1, small, small)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        total_loss(*model(x), target, target, LossWeights())
+    return int(sum(saved.values()) * batch_size * (image_size / small) ** 2)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on a GPU; on the CPU the kernel's MemAvailable, capped by a cgroup (container)
+    limit. None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to honour
+    return free
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: torch.device, *,
+                 training: bool, amp_dtype: torch.dtype | None = None, options: str) -> None:
+    """Raise UserError when one step would need more memory than `device` has free, naming
+    --width or `options` (e.g. "--image-size 512 with --batch-size 32")."""
+    free = available_memory(device)
+    if free is None:
+        return
+    state = _MARGIN * _state_bytes(config, training)
+    if state > free:  # checked first: the measurement below builds the model
+        raise UserError(f"--width {config.width}: the model alone needs about {_gib(state)}; "
+                        f"{device} has {_gib(free)} free")
+    needed = state + _MARGIN * _activation_bytes(config, image_size, batch_size, amp_dtype)
+    if needed > free:
+        step = "training step" if training else "prediction"
+        raise UserError(f"{options} needs about {_gib(needed)} for one {step} (width {config.width}); "
+                        f"{device} has {_gib(free)} free")
+
+
+def check_training(args, ctx: Context, val_urls: list[str], loader_args: dict, amp_dtype) -> None:
+    """train.py's checks before its first step, on every rank (a failure on one stops all)."""
+    with fail_together(ctx):
+        check_validation_shards(val_urls, loader_args)
+        check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
+                     amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
