@@ -325,7 +325,8 @@ def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, see
                "--val-fraction", str(shard_options["val_fraction"]), "--seed", str(shard_options["seed"]),
                "--workers", str(shard_options["workers"])]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=120, preexec_fn=_file_size_limit(limit), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                          timeout=120, preexec_fn=_file_size_limit(limit),
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     # In a pipe the progress bar leaves lines of its own; in a terminal it is erased.
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("converting:")]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
