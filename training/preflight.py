@@ -57,24 +57,32 @@ def _state_bytes(config: UNetConfig, training: bool) -> int:
 
 def _activation_bytes(config: UNetConfig, image_size: int, batch_size: int, amp_dtype) -> int:
     """What a training step keeps for its backward pass (also an upper bound for a forward pass
-    alone): measured on a small input on the CPU, scaled by pixels and batch."""
-    small = 2 * config.stride
+    alone), measured on the CPU at two small sizes: the part that grows with the pixels is
+    scaled to the real size and batch, the rest (weights cast by autocast) is not."""
     model = UNet(config).to(memory_format=torch.channels_last)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()  # views of one tensor share it: count it once
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    def saved_bytes(size: int) -> int:
+        saved = {}
 
-    x = torch.zeros(1, config.in_channels, small, small).contiguous(memory_format=torch.channels_last)
-    target = torch.zeros(1, 1, small, small)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-        total_loss(*model(x), target, target, LossWeights())
-    return int(sum(saved.values()) * batch_size * (image_size / small) ** 2)
+        def pack(tensor):
+            storage = tensor.untyped_storage()  # views of one tensor share it: count it once
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x = torch.zeros(1, config.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+        target = torch.zeros(1, 1, size, size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            total_loss(*model(x), target, target, LossWeights())
+        return sum(saved.values())
+
+    small = 2 * config.stride
+    at_small, at_double = saved_bytes(small), saved_bytes(2 * small)
+    per_pixel = (at_double - at_small) / (3 * small**2)
+    fixed = max(at_small - per_pixel * small**2, 0)
+    return int(fixed + per_pixel * image_size**2 * batch_size)
 
 
 def available_memory(device: torch.device) -> int | None:
