@@ -192,11 +192,13 @@ def run(args) -> int:
         tqdm.write(f"predict.py: skipped {key} of {args.shard}: {reason}", file=sys.stderr)
 
     written = 0
-    for name, bg, bgfg in tqdm(input_pairs(args, skip), unit="pair", disable=bool(args.bg), leave=False):
-        write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
-        written += 1
-        if written == args.limit:
-            break
+    # Closed however the loop ends, so an error line does not land on the end of a progress bar.
+    with tqdm(input_pairs(args, skip), unit="pair", disable=bool(args.bg), leave=False) as pairs:
+        for name, bg, bgfg in pairs:
+            write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
+            written += 1
+            if written == args.limit:
+                break
     if skipped and not written:
         raise UserError(f"{args.shard}: no sample could be predicted ({len(skipped)} skipped, see above)")
     print(f"predict.py: wrote {written} prediction(s) to {out}"

@@ -209,7 +209,12 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
         bar.update(1)
         # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
         if run.val_urls and (run.step % args.val_every == 0 or last) and not run.signum:
-            validate(run)
+            try:
+                validate(run)
+            except (UserError, PipelineError):  # the steps since the last save are not lost with it
+                if ctx.is_main:
+                    checkpoint.save(run.out / "last.pt", snapshot(run))
+                raise
         if ctx.is_main and (run.step % args.save_every == 0 or last):
             checkpoint.save(run.out / "last.pt", snapshot(run))
     if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
@@ -277,16 +282,16 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     run.logger = RunLogger(out, enabled=ctx.is_main)
     run.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
             f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
-    bar = tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
     started, stop = time.monotonic(), False
     run.window = Window()
-    while run.step < total_steps and not stop:
-        if loader is None:
-            loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
-                                 **loader_args)
-        stop = train_epoch(run, loader, bar, started)
-        loader = None
-    bar.close()
+    # Closed however the loop ends, so an error line does not land on the end of a progress bar.
+    with tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True) as bar:
+        while run.step < total_steps and not stop:
+            if loader is None:
+                loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
+                                     **loader_args)
+            stop = train_epoch(run, loader, bar, started)
+            loader = None
 
     # --- final evaluation and checkpoint ---------------------------------------------------
     if val_urls and run.last_validated != run.step and not run.signum:

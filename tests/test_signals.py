@@ -222,3 +222,17 @@ def test_a_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(shard
     assert run_train(shard_dir, out, "--steps", "1", "--no-val") == 0
     assert f"taking over {out / '.lock'}" in capsys.readouterr().out
     assert (out / ".lock").read_text() == ""  # released by a clean exit
+
+
+def test_a_validation_that_fails_mid_run_is_one_line_and_keeps_the_steps_trained(shard_dir, tmp_path):
+    val = tmp_path / "val-1.tar"
+    val.write_bytes((shard_dir / "val-1.tar").read_bytes())
+    out = tmp_path / "run"
+    with start_train(shard_dir, out, tmp_path / "logs", "--steps", "20", "--val-shards", str(val),
+                     "--val-every", "10", "--save-every", "20") as job:
+        wait_for(lambda: trained(out), "the first step")  # the start-up checks have opened it by now
+        val.unlink()
+        status = job.wait()
+    errors = [line for line in job.stderr.read_text().splitlines() if "error" in line.lower()]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("train.py: error:") and str(val) in errors[0]
+    assert checkpoint_step(out / "last.pt") == 10

@@ -71,18 +71,19 @@ def _activation_bytes(config: UNetConfig, image_size: int, batch_size: int, amp_
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        x = torch.zeros(1, config.in_channels, size, size).contiguous(memory_format=torch.channels_last)
-        target = torch.zeros(1, 1, size, size)
+        # Two samples: batch norm needs two values per channel where the deepest level is 1x1.
+        x = torch.zeros(2, config.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+        target = torch.zeros(2, 1, size, size)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                 torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
             total_loss(*model(x), target, target, LossWeights())
         return sum(saved.values())
 
-    small = 2 * config.stride
+    small = config.stride
     at_small, at_double = saved_bytes(small), saved_bytes(2 * small)
-    per_pixel = (at_double - at_small) / (3 * small**2)
+    per_pixel = (at_double - at_small) / (3 * small**2)  # of both samples
     fixed = max(at_small - per_pixel * small**2, 0)
-    return int(fixed + per_pixel * image_size**2 * batch_size)
+    return int(fixed + per_pixel / 2 * image_size**2 * batch_size)
 
 
 def available_memory(device: torch.device) -> int | None:
