@@ -5,7 +5,6 @@ import filecmp
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import webdataset
 
 import convert_zips
+from faults import file_size_limit
 from pipeline import schema
 from seedzips import tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
@@ -302,16 +302,6 @@ def test_the_write_side_never_imports_torch():
     assert result.stdout.strip() == "[]"
 
 
-def _file_size_limit(limit: int):
-    """preexec_fn: files of this process may not grow past `limit` bytes, as on a full disk."""
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the write fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.parametrize("failing", ["manifest", "shard"])
 def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, seed_dataset, shard_dir, shard_options,
                                                                     tmp_path):
@@ -325,7 +315,7 @@ def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, see
                "--val-fraction", str(shard_options["val_fraction"]), "--seed", str(shard_options["seed"]),
                "--workers", str(shard_options["workers"])]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=120, preexec_fn=_file_size_limit(limit),
+                          timeout=120, preexec_fn=file_size_limit(limit),
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     # In a pipe the progress bar leaves lines of its own; in a terminal it is erased.
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("converting:")]

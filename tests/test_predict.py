@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import predict
+from faults import overwrite
 import train
 from pipeline import schema
 from pipeline.decode import BadSample, check
@@ -104,13 +105,6 @@ def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys
 
 def shard_keys(path) -> list[str]:
     return [sample.key for sample in read_samples(str(path), 0, None)]
-
-
-def overwrite(path, offset: int, data: bytes) -> None:
-    """Damage real bytes of a shard in place, its tar structure left as it was."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
 
 
 def member_offsets(path) -> dict[str, tarfile.TarInfo]:

@@ -1,16 +1,20 @@
 """train.py end to end on the tiny shards of conftest: learning, resume, DDP, bad input."""
 
+import errno
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from faults import file_size_limit
 from model import UNet, UNetConfig, total_loss
 from pipeline import Batch, PipelineError, make_loader, schema
 from training import runfolder, steps
@@ -205,3 +209,15 @@ def test_storage_options_parse_json_values_and_stay_out_of_checkpoints(shard_dir
     assert run_train(shard_dir, out, "--steps", "1", "--no-val", *options) == 0  # local files ignore them
     assert b"hunter2" not in (out / "last.pt").read_bytes()
     assert torch.load(out / "last.pt", weights_only=False)["args"]["storage_options"] == ["client_kwargs", "secret"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    # A checkpoint at width 4 is 3.8 MB; metrics.jsonl and the TensorBoard events stay far below 1 MiB.
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+                           "--out", str(out), *TINY, "--steps", "2", "--no-val"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, preexec_fn=file_size_limit(1 << 20))
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0] == f"train.py: error: cannot write checkpoint {out / 'last.pt'}: {os.strerror(errno.EFBIG)}"
+    assert not list(out.glob("last.pt*"))
