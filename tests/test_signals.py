@@ -4,6 +4,7 @@ Every process of a run carries a tag in its environment, so "no process left" is
 the whole tree, DataLoader workers included, even those re-parented after their parent died.
 """
 
+import fcntl
 import functools
 import http.server
 import os
@@ -236,3 +237,21 @@ def test_a_validation_that_fails_mid_run_is_one_line_and_keeps_the_steps_trained
     errors = [line for line in job.stderr.read_text().splitlines() if "error" in line.lower()]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("train.py: error:") and str(val) in errors[0]
     assert checkpoint_step(out / "last.pt") == 10
+
+
+def test_under_torchrun_a_check_that_fails_on_rank_0_alone_stops_both_ranks(shard_dir, tmp_path):
+    out, logs = tmp_path / "ddp", tmp_path / "rank-logs"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # a live run holds the folder: only rank 0 takes the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"pid {os.getpid()} on this test\n")
+        held.flush()
+        command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node=2", "--log-dir",
+                   str(logs), "--redirects", "3", str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+                   "--out", str(out), "--device", "cpu", *TINY, "--steps", "2"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    errors = {path.parent.name: path.read_text().strip().splitlines() for path in logs.rglob("stderr.log")}
+    assert errors["0"] == [f"train.py: error: run folder {out} is in use by a live run (pid {os.getpid()} on this "
+                           f"test, holding {out / '.lock'}): wait for it to end or choose another --out"]
+    assert errors["1"] == ["train.py: error: rank 0 failed a start-up check (its own error line says which)"]
