@@ -251,7 +251,10 @@ def test_under_torchrun_a_check_that_fails_on_rank_0_alone_stops_both_ranks(shar
                    "--out", str(out), "--device", "cpu", *TINY, "--steps", "2"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode != 0
-    errors = {path.parent.name: path.read_text().strip().splitlines() for path in logs.rglob("stderr.log")}
+    stderr = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert not any("Traceback" in text for text in stderr.values()), stderr
+    # torch's own warnings aside (c10d's about host names, in a network namespace)
+    errors = {rank: [line for line in text.splitlines() if line.startswith("train.py:")] for rank, text in stderr.items()}
     assert errors["0"] == [f"train.py: error: run folder {out} is in use by a live run (pid {os.getpid()} on this "
                            f"test, holding {out / '.lock'}): wait for it to end or choose another --out"]
     assert errors["1"] == ["train.py: error: rank 0 failed a start-up check (its own error line says which)"]
