@@ -5,11 +5,13 @@ the whole tree, DataLoader workers included, even those re-parented after their 
 """
 
 import fcntl
+import contextlib
 import functools
 import http.server
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from servers import free_port
 from test_train import ROOT, TINY, run_train, weights
 from training.signals import DUPLICATE_WINDOW
 
@@ -54,12 +57,13 @@ def tagged_processes(tag: str) -> list[int]:
 class Job:
     """A command started in a session of its own with a tag, its output in files."""
 
-    def __init__(self, command: list, folder: Path):
+    def __init__(self, command: list, folder: Path, env: dict | None = None):
         self.tag, self.folder = uuid.uuid4().hex, folder
+        folder.mkdir(exist_ok=True)
         self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
         with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
             self.process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT, start_new_session=True,
-                                            env={**os.environ, TAG: self.tag})
+                                            env={**os.environ, **(env or {}), TAG: self.tag})
 
     def wait(self, timeout: float = 120.0) -> int:
         try:
@@ -83,7 +87,6 @@ class Job:
 
 
 def start_train(shard_dir, out: Path, folder: Path, *extra) -> Job:
-    folder.mkdir(exist_ok=True)
     return Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
                 "--out", str(out), *TINY, *extra], folder)
 
@@ -155,36 +158,54 @@ class _StallingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_a_second_signal_exits_at_once_even_while_a_step_waits_for_data(shard_dir, tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_StallingHandler, directory=str(shard_dir)))
+@contextlib.contextmanager
+def stalling_server(root: Path):
+    """The base URL of an HTTP server for `root` whose shards stall after their first KiB."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StallingHandler, directory=str(root)))
     server.daemon_threads, server.release = True, threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    out = tmp_path / "run"
     try:
-        (tmp_path / "logs").mkdir()
-        job = Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{url}/batch-{{1..2}}.tar", "--out", str(out),
-                   *TINY, *SCHEDULE, "--workers", "2", "--no-val"], tmp_path / "logs")
-        with job:
-            wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
-            job.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: "stopping after the current step" in job.stderr.read_text(), "the first signal's notice")
-            first = time.monotonic()
-            # The step never gets its data. Repeats inside the window count as the first signal;
-            # the first one after it ends the process.
-            wait_for(lambda: job.process.send_signal(signal.SIGTERM) or job.process.poll() is not None,
-                     "the process to exit", timeout=60)
-            waited = time.monotonic() - first
-            left = tagged_processes(job.tag)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.release.set()
         server.shutdown()
         server.server_close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("stuck", ["a step waits for data", "rank 0 waits for a rank that never comes"])
+def test_a_second_signal_exits_at_once_wherever_the_run_is_stuck(stuck, shard_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--out", str(out), *TINY, *SCHEDULE, "--no-val"]
+    with contextlib.ExitStack() as stack:
+        if stuck == "a step waits for data":  # in Python: the main thread polls the DataLoader's queue
+            url = stack.enter_context(stalling_server(shard_dir))
+            job = stack.enter_context(Job([*command, "--shards", f"{url}/batch-{{1..2}}.tar", "--workers", "2"],
+                                          tmp_path / "logs"))
+            wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
+        else:  # in C++: init_process_group waits for rank 1, never back in Python to run a handler
+            port = free_port()
+            env = dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            job = stack.enter_context(Job([*command, "--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--device", "cpu"],
+                                          tmp_path / "logs", env))
+            wait_for(lambda: _listening(port), "rank 0's rendezvous store")
+        job.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping after the current step" in job.stderr.read_text(), "the first signal's notice")
+        first = time.monotonic()
+        # Repeats inside the window count as the first signal; the first one after it ends the run.
+        wait_for(lambda: job.process.send_signal(signal.SIGTERM) or job.process.poll() is not None,
+                 "the process to exit", timeout=60)
+        waited = time.monotonic() - first
+        # The workers were sent SIGKILL before the exit; the kernel finishes them at its own pace.
+        wait_for(lambda: not tagged_processes(job.tag), "no process of the run left", timeout=2)
     stderr = job.stderr.read_text()
     assert job.process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM again: exiting now without saving" in stderr and "Traceback" not in stderr
-    assert waited >= DUPLICATE_WINDOW and left == [] and not (out / "last.pt").exists()
+    assert waited >= DUPLICATE_WINDOW and not (out / "last.pt").exists()
 
 
 def test_torchrun_ranks_stop_after_the_same_step_when_every_process_gets_sigterm(shard_dir, tmp_path):
