@@ -139,7 +139,7 @@ def test_a_signal_saves_last_pt_ends_the_workers_and_resume_continues_exactly(si
 
 
 class _StallingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves manifest.json; of any other file only the first KiB, then nothing until released."""
+    """Serves manifest.json; of any other file the first KiB, the rest once the test releases it."""
 
     def do_GET(self):
         path = Path(self.translate_path(self.path))
@@ -147,12 +147,14 @@ class _StallingHandler(http.server.SimpleHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if path.name.endswith(".json"):
-            self.wfile.write(data)
-            return
-        self.wfile.write(data[:1024])
-        self.wfile.flush()
-        self.server.release.wait(timeout=300)
+        held = len(data) if path.name.endswith(".json") else 1024
+        try:
+            self.wfile.write(data[:held])
+            self.wfile.flush()
+            self.server.release.wait(timeout=300)
+            self.wfile.write(data[held:])
+        except (BrokenPipeError, ConnectionResetError):  # the client is gone: what the test did
+            pass
 
     def log_message(self, *args):
         pass
@@ -160,12 +162,13 @@ class _StallingHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def stalling_server(root: Path):
-    """The base URL of an HTTP server for `root` whose shards stall after their first KiB."""
+    """(base URL, release event) of an HTTP server for `root` whose shards stall after their
+    first KiB until the event is set."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StallingHandler, directory=str(root)))
     server.daemon_threads, server.release = True, threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.release
     finally:
         server.release.set()
         server.shutdown()
@@ -183,7 +186,7 @@ def test_a_second_signal_exits_at_once_wherever_the_run_is_stuck(stuck, shard_di
     command = [sys.executable, str(ROOT / "train.py"), "--out", str(out), *TINY, *SCHEDULE, "--no-val"]
     with contextlib.ExitStack() as stack:
         if stuck == "a step waits for data":  # in Python: the main thread polls the DataLoader's queue
-            url = stack.enter_context(stalling_server(shard_dir))
+            url, _ = stack.enter_context(stalling_server(shard_dir))
             job = stack.enter_context(Job([*command, "--shards", f"{url}/batch-{{1..2}}.tar", "--workers", "2"],
                                           tmp_path / "logs"))
             wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
@@ -251,14 +254,18 @@ def test_a_validation_that_fails_mid_run_is_one_line_and_keeps_the_steps_trained
     val = tmp_path / "val-1.tar"
     val.write_bytes((shard_dir / "val-1.tar").read_bytes())
     out = tmp_path / "run"
-    with start_train(shard_dir, out, tmp_path / "logs", "--steps", "20", "--val-shards", str(val),
-                     "--val-every", "10", "--save-every", "20") as job:
-        wait_for(lambda: trained(out), "the first step")  # the start-up checks have opened it by now
+    with stalling_server(shard_dir) as (url, release), \
+            Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{url}/batch-{{1..2}}.tar", "--out", str(out),
+                 *TINY, "--steps", "4", "--val-shards", str(val), "--val-every", "2", "--save-every", "4"],
+                tmp_path / "logs") as job:
+        # The start-up checks have opened the validation shard; the first batch is held back.
+        wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
         val.unlink()
+        release.set()
         status = job.wait()
     errors = [line for line in job.stderr.read_text().splitlines() if "error" in line.lower()]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("train.py: error:") and str(val) in errors[0]
-    assert checkpoint_step(out / "last.pt") == 10
+    assert checkpoint_step(out / "last.pt") == 2
 
 
 def test_under_torchrun_a_check_that_fails_on_rank_0_alone_stops_both_ranks(shard_dir, tmp_path):
