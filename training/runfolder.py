@@ -51,7 +51,10 @@ class RunLock:
 
     def release(self) -> None:
         os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing drops the flock
+        # Explicitly: a forked DataLoader worker still alive shares the lock, so a close alone
+        # would leave it held.
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _make_writable(out: Path, rank: int) -> None:
