@@ -17,7 +17,7 @@ from .distributed import Context, fail_together
 
 _PROBE_BLOCK = 1 << 16  # one small ranged read per shard on an object store, not 16 MiB
 # Against the peak memory of real steps (CPU; widths 4-24, 224-1024 px, batches 1-8) the
-# estimate below came to 0.74-1.08 of it: a step also holds its input, gradients of activations
+# estimate below came to 0.84-1.09 of it: a step also holds its input, gradients of activations
 # in flight and allocator slack.
 _MARGIN = 1.4
 
