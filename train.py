@@ -17,18 +17,12 @@ The run folder gets last.pt / best.pt (checkpoints), metrics.jsonl, tensorboard/
 previews/step-N.png, and .lock, which keeps a second run out while this one is alive. See
 `python train.py --help` for every option.
 
-Everything that can be checked is checked before the first step: options (finite, in range),
-the run folder, the validation shards (each opened) and whether a step fits in the device's
-memory at --image-size and --batch-size.
-
-SIGTERM (preemption: SLURM, Kubernetes, spot instances) or SIGINT (Ctrl-C) stops the run after
-the current step, skipping the validation due then, with last.pt saved and the DataLoader
-workers ended; under torchrun every rank stops after the same step. Continue with --resume.
-A second signal (2 s or more after the first; repeats closer together, as when Ctrl-C reaches
-every process and torchrun forwards it too, count as one) exits at once without saving.
-
-Exit status: 0 done; 2 bad input, one `train.py: error:` line; 143 (SIGTERM) or 130 (SIGINT),
-128 + the signal number: stopped by that signal.
+Options, the run folder, every validation shard and the memory a step needs are checked before
+the first step. SIGTERM (preemption) or SIGINT (Ctrl-C) stops every rank after the same step,
+with last.pt saved and the workers ended (continue with --resume); a second signal 2 s or more
+after the first exits at once, without saving (training/signals.py).
+Exit status: 0 done; 2 bad input (one `train.py: error:` line); 128 + the signal number when
+stopped by one: 143 for SIGTERM, 130 for SIGINT.
 """
 
 import math
