@@ -9,6 +9,7 @@ mixes all zips. Shards appear only when complete, and a re-run resumes an interr
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import time
 from tqdm import tqdm
 
 from pipeline import schema
+from pipeline.schema import replace_durably
 from seedzips import tarwriter
 from seedzips.errors import ConvertError
 from seedzips.index import index_dataset
@@ -76,7 +78,7 @@ def _write_json(path: str, record: dict) -> None:
     with open(path + TEMPORARY, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(path + TEMPORARY, path)
+    replace_durably(path + TEMPORARY, path)
 
 
 def _write_index(out: str, name: str, index) -> dict:
@@ -85,7 +87,7 @@ def _write_index(out: str, name: str, index) -> dict:
     path = os.path.join(out, schema.index_name(name))
     with open(path + TEMPORARY, "wb") as f:
         f.write(data)
-    schema.replace_durably(path + TEMPORARY, path)
+    replace_durably(path + TEMPORARY, path)
     return {"name": schema.index_name(name), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -98,8 +100,9 @@ def _index_intact(out: str, record) -> bool:
 
 
 def _remove_temporaries(out: str) -> None:
-    """Delete shards an interrupted run left half-written (they are rewritten if still wanted)."""
-    prefixes = tuple(f"{prefix}-" for prefix in (schema.TRAIN_PREFIX, schema.VAL_PREFIX))
+    """Delete the half-written shards and manifest of an interrupted or failed run (the shards
+    are rewritten if still wanted)."""
+    prefixes = tuple(f"{prefix}-" for prefix in (schema.TRAIN_PREFIX, schema.VAL_PREFIX)) + (schema.MANIFEST,)
     for name in os.listdir(out):
         if name.startswith(prefixes) and name.endswith(TEMPORARY):
             os.remove(os.path.join(out, name))
@@ -187,7 +190,7 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
             name = os.path.basename(path)[: -len(TEMPORARY)]
             entries[name] = {"bytes": os.path.getsize(path), "sha256": sha256,
                              "index": _write_index(out, name, shard_index)}
-            os.replace(path, os.path.join(out, name))
+            replace_durably(path, os.path.join(out, name))
             _write_json(manifest_path, _manifest(header, plan, entries, index.skipped, False))
 
         jobs = [(os.path.join(out, name + TEMPORARY),
@@ -199,8 +202,15 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
                                    workers=workers, on_part=bar.update, on_shard=finish)
         final = _manifest(header, plan, entries, index.skipped, True)
         _write_json(manifest_path, final)
-    except OSError as error:
-        raise ConvertError(f"cannot write to output folder {out}: {error.strerror or error}") from None
+    except BaseException as error:
+        # No temporary outlives a failed or interrupted run (a full disk must not stay full
+        # until the next one); finished shards stay for a re-run to reuse. When `out` itself is
+        # what failed there is nothing to remove.
+        with contextlib.suppress(OSError):
+            _remove_temporaries(out)
+        if isinstance(error, OSError):
+            raise ConvertError(f"cannot write to output folder {out}: {error.strerror or error}") from None
+        raise
     if progress:
         seconds = time.monotonic() - started
         written = sum(entries[name]["bytes"] for name, _ in todo)

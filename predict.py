@@ -10,6 +10,12 @@ The samples of a shard (local or fsspec URL), one subfolder per sample key:
 Outputs have the input's size: mask.png is 0 or 255, depth.png is 8-bit gray on the training
 targets' scale (0..255, larger = farther), depth_color.png is the same depth colour-mapped
 (near red, far blue). Inputs are resized to the checkpoint's training size for the network.
+
+With --shard, a sample that cannot be predicted (an undecodable or truncated image, a missing
+member, damaged tar data) is skipped with one `predict.py: skipped` line naming it and the
+shard, and the rest are predicted. Exit status: 0 when something was predicted; 2 with one
+`predict.py: error:` line for bad input (options, a missing, empty or non-tar shard, a shard
+with no sample that could be predicted, an unreadable image file or checkpoint).
 """
 
 import argparse
@@ -28,7 +34,8 @@ from pipeline import PipelineError, schema
 from pipeline.shardreader import read_samples
 from training import UserError
 from training.checkpoint import load, model_from_checkpoint
-from training.options import storage_option
+from training.options import POSITIVE_INT, OneLineParser, check_device, storage_option
+from training.preflight import check_memory, probe_shard
 from training.visual import colorize_depth
 
 PAIR_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -39,8 +46,18 @@ def read_rgb(source, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError) as err:
-        raise UserError(f"cannot read image {name}: {err}".splitlines()[0]) from None
+    except UnidentifiedImageError:  # its message names the file object, not the file
+        raise UserError(f"{name} is not an image PIL can read") from None
+    except OSError as err:
+        raise UserError(f"cannot read image {name}: {err.strerror or err}".splitlines()[0]) from None
+
+
+def read_pair(name: str, bg, bgfg, bg_name: str, bgfg_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images of a pair as uint8 [3,H,W]; UserError unless both read and match in size."""
+    bg, bgfg = read_rgb(bg, bg_name), read_rgb(bgfg, bgfg_name)
+    if bg.shape != bgfg.shape:
+        raise UserError(f"{name}: bg is {tuple(bg.shape[1:])} but bgfg is {tuple(bgfg.shape[1:])}")
+    return bg, bgfg
 
 
 @torch.no_grad()
@@ -84,36 +101,39 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
     return [(name, roles["bg"], roles["bgfg"]) for name, roles in found.items()]
 
 
-def shard_pairs(url: str, limit: int | None, storage_options):
-    """(key, bg bytes, bgfg bytes) for the first `limit` complete samples of a shard."""
+def shard_pairs(url: str, storage_options, skip):
+    """(key, bg, bgfg uint8 tensors) for the samples of a shard that can be predicted; the
+    others go to skip(what, reason)."""
     wanted = (schema.BG, schema.BGFG)
-    # stop=None: to the end of the shard with no count to check; `limit` counts complete samples only.
+    # stop=None: to the end of the shard with no count to check. Damaged tar data comes back
+    # as samples with an error ("#N" where the damage hides the key), never as an exception.
     for sample in read_samples(url, 0, None, storage_options, wanted=wanted):
-        if limit is not None and limit <= 0:
-            return
-        if sample.error or set(sample.members) != set(wanted):
-            print(f"predict.py: skipping {sample.key} in {url}: {sample.error or 'incomplete sample'}", file=sys.stderr)
+        missing = [member for member in wanted if member not in sample.members]
+        if sample.error or missing:
+            skip(sample.key, sample.error or f"no {' or '.join(missing)}")
             continue
-        yield sample.key, sample.members[schema.BG], sample.members[schema.BGFG]
-        limit = None if limit is None else limit - 1
+        try:
+            bg, bgfg = read_pair(sample.key, sample.members[schema.BG], sample.members[schema.BGFG],
+                                 f"{sample.key}.{schema.BG}", f"{sample.key}.{schema.BGFG}")
+        except UserError as error:
+            skip(sample.key, str(error))
+            continue
+        yield sample.key, bg, bgfg
 
 
-def input_pairs(args):
+def input_pairs(args, skip):
     """(output subfolder name or None, bg, bgfg uint8 tensors) for the chosen input."""
     if args.bg:
-        yield None, read_rgb(args.bg, args.bg), read_rgb(args.bgfg, args.bgfg)
+        yield None, *read_pair(args.bg, args.bg, args.bgfg, args.bg, args.bgfg)
     elif args.pairs:
         for name, bg, bgfg in find_pairs(Path(args.pairs)):
-            yield name, read_rgb(bg, str(bg)), read_rgb(bgfg, str(bgfg))
+            yield name, *read_pair(name, bg, bgfg, str(bg), str(bgfg))
     else:
-        for key, bg, bgfg in shard_pairs(args.shard, args.limit, dict(args.storage_options) or None):
-            where = f"{args.shard}:{key}"
-            yield key, read_rgb(bg, f"{where}.{schema.BG}"), read_rgb(bgfg, f"{where}.{schema.BGFG}")
+        yield from shard_pairs(args.shard, dict(args.storage_options) or None, skip)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (RUN/best.pt or RUN/last.pt)")
     parser.add_argument("--out", required=True, help="output folder")
     source = parser.add_argument_group("input (one of)")
@@ -121,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--bgfg", help="the same background with the object pasted on it (with --bg)")
     source.add_argument("--pairs", help="folder of NAME.bg.jpg + NAME.bgfg.jpg pairs")
     source.add_argument("--shard", help="a shard's path or URL")
-    parser.add_argument("--limit", type=int, help="with --shard: at most this many samples")
-    parser.add_argument("--image-size", type=int, help="network input size (default: the training size)")
+    parser.add_argument("--limit", type=POSITIVE_INT, help="with --shard: at most this many predictions")
+    parser.add_argument("--image-size", type=POSITIVE_INT,
+                        help="network input size (default: the training size; a multiple of 32 that fits in memory)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                         default=[], metavar="KEY=VALUE",
@@ -136,34 +157,46 @@ def run(args) -> int:
         raise UserError("give exactly one input: --bg with --bgfg, --pairs FOLDER, or --shard URL")
     if args.limit is not None and not args.shard:
         raise UserError("--limit goes with --shard")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be at least 1")
+    check_device(args.device)
+    if args.shard:
+        probe_shard(args.shard, dict(args.storage_options) or None)
     state = load(args.checkpoint)
     model = model_from_checkpoint(state)
-    image_size = args.image_size or state["image_size"]
+    image_size = state["image_size"] if args.image_size is None else args.image_size
     try:
         check_image_size(image_size, model.config)
     except ValueError as err:
         raise UserError(f"--image-size: {err}") from None
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    check_memory(model.config, image_size, 1, device, training=False, options=f"--image-size {image_size}")
     model = model.to(device).eval()
     out = Path(args.out)
 
+    skipped = []
+
+    def skip(key: str, reason: str) -> None:
+        skipped.append(key)
+        tqdm.write(f"predict.py: skipped {key} of {args.shard}: {reason}", file=sys.stderr)
+
     written = 0
-    for name, bg, bgfg in tqdm(input_pairs(args), unit="pair", disable=bool(args.bg), leave=False):
-        if bg.shape != bgfg.shape:
-            raise UserError(f"{name or args.bg}: bg is {tuple(bg.shape[1:])} but bgfg is {tuple(bgfg.shape[1:])}")
-        write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
-        written += 1
-    print(f"predict.py: wrote {written} prediction(s) to {out}")
+    # Closed however the loop ends, so an error line does not land on the end of a progress bar.
+    with tqdm(input_pairs(args, skip), unit="pair", disable=bool(args.bg), leave=False) as pairs:
+        for name, bg, bgfg in pairs:
+            write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
+            written += 1
+            if written == args.limit:
+                break
+    if skipped and not written:
+        raise UserError(f"{args.shard}: no sample could be predicted ({len(skipped)} skipped, see above)")
+    print(f"predict.py: wrote {written} prediction(s) to {out}"
+          + (f"; skipped {len(skipped)} sample(s) of {args.shard}, listed above" if skipped else ""))
     return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(build_parser().parse_args(argv))
     except (UserError, PipelineError, OSError) as err:
         print(f"predict.py: error: {err}", file=sys.stderr)
         return 2

@@ -14,10 +14,19 @@ Several CPU processes (DDP over gloo), e.g. to test the distributed path without
     torchrun --nproc_per_node=2 train.py --device cpu --shards 'shards/batch-{1..4}.tar' --out runs/cpu
 
 The run folder gets last.pt / best.pt (checkpoints), metrics.jsonl, tensorboard/ and
-previews/step-N.png. See `python train.py --help` for every option.
+previews/step-N.png, and .lock, which keeps a second run out while this one is alive. See
+`python train.py --help` for every option.
+
+Options, the run folder, every validation shard and the memory a step needs are checked before
+the first step. SIGTERM (preemption) or SIGINT (Ctrl-C) stops every rank after the same step,
+with last.pt saved and the workers ended (continue with --resume); a second signal 2 s or more
+after the first exits at once, without saving (training/signals.py).
+Exit status: 0 done; 2 bad input (one `train.py: error:` line); 128 + the signal number when
+stopped by one: 143 for SIGTERM, 130 for SIGINT.
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,10 +38,10 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError, expand_urls, make_loader
-from training import UserError, checkpoint, distributed
+from training import UserError, checkpoint, distributed, preflight, signals
 from training.logger import RunLogger, Window
 from training.options import parse_args
-from training.runfolder import find_val_shards, prepare_run_folder
+from training.runfolder import claim_run_folder, find_val_shards
 from training.steps import evaluate, prepare_batch, train_step
 from training.visual import save_preview
 
@@ -61,6 +70,7 @@ class Run:
 
     args: object
     ctx: distributed.Context
+    stop_request: signals.StopRequest
     out: Path
     train_urls: list
     val_urls: list
@@ -84,6 +94,7 @@ class Run:
     skipped_this_epoch: int = 0
     best_loss: float = math.inf
     last_validated: int = -1
+    signum: int = 0  # the stop signal every rank has agreed on, 0 while none
     window: Window = field(default_factory=Window)
 
     def say(self, message: str) -> None:
@@ -155,9 +166,18 @@ def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
     run.window = Window()
 
 
+def stop_now(run: Run, started: float) -> bool:
+    """Once per step, the same answer on every rank: is the time budget spent, or has any rank
+    been sent SIGTERM/SIGINT (then run.signum says which)?"""
+    out_of_time = bool(run.args.minutes) and time.monotonic() - started > run.args.minutes * 60
+    out_of_time, signum = distributed.all_max([out_of_time, run.stop_request.signum], run.ctx.device)
+    run.signum = int(signum)
+    return bool(out_of_time or signum)
+
+
 def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
     """Train on `loader`'s batches until the epoch or the step budget ends, validating and
-    saving on schedule. Returns True when the run must stop (time budget spent)."""
+    saving on schedule. Returns True when the run must stop (time budget spent, or a signal)."""
     args, ctx = run.args, run.ctx
     run.epoch_len, run.skipped_this_epoch = len(loader) + run.batch_in_epoch, 0
     stop = exhausted = False
@@ -176,16 +196,23 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
         run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
         run.window.loss += loss  # stays on the device: no sync until the next log line
         run.window.steps, run.window.samples = run.window.steps + 1, run.window.samples + x.shape[0]
-        if args.minutes:
-            stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
+        stop = stop_now(run, started)
         last = run.step == run.total_steps or stop
         if run.step % args.log_every == 0 or last:
             log_window(run, loader, terms, bar)
         bar.update(1)
-        if run.val_urls and (run.step % args.val_every == 0 or last):
-            validate(run)
+        # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
+        if run.val_urls and (run.step % args.val_every == 0 or last) and not run.signum:
+            try:
+                validate(run)
+            except (UserError, PipelineError):  # the steps since the last save are not lost with it
+                if ctx.is_main:
+                    checkpoint.save(run.out / "last.pt", snapshot(run))
+                raise
         if ctx.is_main and (run.step % args.save_every == 0 or last):
             checkpoint.save(run.out / "last.pt", snapshot(run))
+    if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
+        signals.stop_workers()
     if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
         run.skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
         run.skipped_this_epoch = 0
@@ -193,10 +220,10 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
     return stop
 
 
-def train(args, ctx: distributed.Context) -> None:
-    # --- setup: run folder, data -------------------------------------------------------
+def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> int:
+    """The whole run (OUT already claimed); returns the stop signal agreed on, or 0."""
+    # --- setup: data, and the checks that need it or the device --------------------------
     out = Path(args.out)
-    prepare_run_folder(out, resume=args.resume, rank=ctx.rank)
     train_urls = expand_urls(args.shards, args.storage_options)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
@@ -207,6 +234,8 @@ def train(args, ctx: distributed.Context) -> None:
     loader = make_loader(train_urls, train=True, epoch=0, **loader_args)
     steps_per_epoch = len(loader)
     val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
+    amp_dtype = amp_dtype_for(args.amp, ctx.device)
+    preflight.check_training(args, ctx, val_urls, loader_args, amp_dtype)
     if ctx.is_main:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
@@ -216,7 +245,6 @@ def train(args, ctx: distributed.Context) -> None:
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).
     model = UNet(config).to(ctx.device, memory_format=torch.channels_last)
-    amp_dtype = amp_dtype_for(args.amp, ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = args.steps or args.epochs * steps_per_epoch
     schedule_steps = args.schedule_steps or total_steps
@@ -224,7 +252,8 @@ def train(args, ctx: distributed.Context) -> None:
     forward = model
     if ctx.world_size > 1:
         forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    run = Run(args=args, ctx=ctx, out=out, train_urls=train_urls, val_urls=val_urls, loader_args=loader_args,
+    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_urls=train_urls, val_urls=val_urls,
+              loader_args=loader_args,
               loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
                                    image_size=args.image_size, seed=args.seed),
               config=config, model=model, forward=torch.compile(forward) if args.compile else forward,
@@ -242,48 +271,59 @@ def train(args, ctx: distributed.Context) -> None:
             loader = None  # the loop builds the one that starts where the run stopped
         if run.step >= total_steps:
             run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
-            return
+            return 0
 
     # --- the loop ------------------------------------------------------------------------
     run.logger = RunLogger(out, enabled=ctx.is_main)
     run.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
             f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
-    bar = tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True)
     started, stop = time.monotonic(), False
     run.window = Window()
-    while run.step < total_steps and not stop:
-        if loader is None:
-            loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
-                                 **loader_args)
-        stop = train_epoch(run, loader, bar, started)
-        loader = None
-    bar.close()
+    # Closed however the loop ends, so an error line does not land on the end of a progress bar.
+    with tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True) as bar:
+        while run.step < total_steps and not stop:
+            if loader is None:
+                loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
+                                     **loader_args)
+            stop = train_epoch(run, loader, bar, started)
+            loader = None
 
     # --- final evaluation and checkpoint ---------------------------------------------------
-    if val_urls and run.last_validated != run.step:
+    if val_urls and run.last_validated != run.step and not run.signum:
         validate(run)
     run.logger.close()
+    ended = f"stopped by {signals.name(run.signum)}" if run.signum else "finished"
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
-        print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {run.step}", flush=True)
-    run.say(f"done at step {run.step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))
+        print(f"rank {ctx.rank}/{ctx.world_size}: {ended} at step {run.step}", flush=True)
+    if run.signum:
+        run.say(f"{ended} at step {run.step}; {out / 'last.pt'} saved: continue with --resume")
+    else:
+        run.say(f"done at step {run.step}; checkpoints in {out}"
+                + ("" if val_urls else " (no validation shards: no best.pt)"))
     skipped = int(run.skipped_before + run.skipped_this_epoch)
     if skipped:
         run.say(f"skipped {skipped} corrupt or incomplete samples (see the warnings above)")
+    return run.signum
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 with a one-line message for bad input)."""
-    try:
-        args = parse_args(argv)
-        ctx = distributed.setup(args.device)
+    """Entry point; returns the exit status: 0, 2 with a one-line message for bad input, or
+    128 + the signal number when SIGTERM/SIGINT stopped the run (last.pt saved)."""
+    # From the start: a signal during setup is kept for the first step instead of killing the
+    # process half way. Only the main rank announces it (every rank of a job gets it).
+    with signals.StopRequest(announce=os.environ.get("RANK", "0") == "0") as stop_request:
         try:
-            train(args, ctx)
-        finally:
-            distributed.teardown()
-    except (UserError, PipelineError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            args = parse_args(argv)
+            ctx = distributed.setup(args.device)
+            try:
+                with claim_run_folder(Path(args.out), resume=args.resume, ctx=ctx):
+                    signum = train(args, ctx, stop_request)
+            finally:
+                distributed.teardown()
+        except (UserError, PipelineError) as err:
+            print(f"train.py: error: {err}", file=sys.stderr)
+            return 2
+    return signals.exit_status(signum) if signum else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """make_loader: shard URLs to an iterable of decoded batches (with their augmentation draws) for one rank."""
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -14,6 +17,7 @@ from pipeline.shardreader import prepare_shards
 from pipeline.sources import expand_urls
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _RankStream(IterableDataset):
@@ -34,6 +38,14 @@ class _RankStream(IterableDataset):
 
 def _init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers are many already; intra-op threads only contend
+    # Ctrl-C and a scheduler's SIGTERM reach every process of the job: the main process decides
+    # when to stop (train.py saves first) and ends its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # That also ignores the SIGTERM with which the DataLoader ends a worker that outstays its
+    # shutdown, so let the kernel end it instead should the main process go first.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Loader:

@@ -1,5 +1,6 @@
 """convert_zips.py on generated data: round trip, splits, readers, reproducibility, resume, errors."""
 
+import errno
 import filecmp
 import json
 import multiprocessing
@@ -16,6 +17,7 @@ import pytest
 import webdataset
 
 import convert_zips
+from faults import file_size_limit
 from pipeline import schema
 from seedzips import tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
@@ -298,3 +300,27 @@ def test_the_write_side_never_imports_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("failing", ["manifest", "shard"])
+def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, seed_dataset, shard_dir, shard_options,
+                                                                    tmp_path):
+    manifest_size = (shard_dir / schema.MANIFEST).stat().st_size
+    smallest_shard = min(entry["bytes"] for entry in _manifest(shard_dir)["shards"])
+    # The manifest is written first, then every shard's temporary file is sized before parts land.
+    limit = 64 if failing == "manifest" else (manifest_size + smallest_shard) // 2
+    assert limit < manifest_size if failing == "manifest" else manifest_size < limit < smallest_shard
+    out = tmp_path / "shards"
+    command = [sys.executable, "convert_zips.py", "--dataset", str(seed_dataset[0]), "--out", str(out),
+               "--val-fraction", str(shard_options["val_fraction"]), "--seed", str(shard_options["seed"]),
+               "--workers", str(shard_options["workers"])]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120, preexec_fn=file_size_limit(limit),
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    # In a pipe the progress bar leaves lines of its own; in a terminal it is erased.
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("converting:")]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and str(out) in lines[0] and os.strerror(errno.EFBIG) in lines[0]
+    assert [name for name in os.listdir(out) if name.endswith(convert_zips.TEMPORARY)] == []
+    convert_zips.convert(seed_dataset[0], out, **shard_options)
+    _same_folders(shard_dir, out)

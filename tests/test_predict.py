@@ -1,9 +1,13 @@
 """predict.py writes mask/depth images at the input's size for a pair, a folder and a shard."""
 
+import gzip
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +15,10 @@ import pytest
 from PIL import Image
 
 import predict
+from faults import overwrite
 import train
 from pipeline import schema
+from pipeline.decode import BadSample, check
 from pipeline.shardreader import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,4 +100,106 @@ def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys
     assert len(err.splitlines()) == 1 and "not.pt" in err
     assert predict.main(["--checkpoint", str(checkpoint), "--shard", "x.tar", "--limit", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--limit 0" in err
+    assert len(err.splitlines()) == 1 and "--limit" in err and "got 0" in err
+
+
+def shard_keys(path) -> list[str]:
+    return [sample.key for sample in read_samples(str(path), 0, None)]
+
+
+def member_offsets(path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path) as archive:
+        return {member.name: member for member in archive.getmembers()}
+
+
+def predict_shard(checkpoint, shard, out, *extra):
+    return predict.main(["--checkpoint", str(checkpoint), "--shard", str(shard), "--out", str(out), *extra])
+
+
+def test_bad_samples_in_a_shard_are_skipped_by_name_and_the_rest_predicted(checkpoint, shard_dir, tmp_path, capsys):
+    # The generator's truncated composite, in whichever shard the converter put it ...
+    for entry in json.loads((shard_dir / schema.MANIFEST).read_text())["shards"]:
+        for sample in read_samples(str(shard_dir / entry["name"]), 0, None):
+            try:
+                check(sample.members)
+            except BadSample:
+                shard, truncated = tmp_path / entry["name"], sample.key
+                shutil.copy(shard_dir / entry["name"], shard)
+    keys = shard_keys(shard)
+    # ... and, in the same shard, a background that is not a JPEG at all.
+    garbled = next(key for key in keys if key != truncated)
+    overwrite(shard, member_offsets(shard)[f"{garbled}.{schema.BG}"].offset_data, b"not an image" * 4)
+
+    assert predict_shard(checkpoint, shard, tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(set(keys) - {truncated, garbled})
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("predict.py: skipped")]
+    assert len(skipped) == 2 and all(str(shard) in line for line in skipped), captured.err
+    assert f"{truncated}.{schema.BGFG}" in skipped[0 if keys.index(truncated) < keys.index(garbled) else 1]
+    assert f"{garbled}.{schema.BG} is not an image" in captured.err and "BytesIO" not in captured.err
+    assert "skipped 2 sample(s)" in captured.out
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_damaged_tar_data_is_reported_and_the_other_samples_predicted(checkpoint, shard_dir, tmp_path, capsys,
+                                                                      with_index):
+    shard = tmp_path / "val-1.tar"
+    shutil.copy(shard_dir / "val-1.tar", shard)
+    if with_index:
+        shutil.copy(shard_dir / schema.index_name("val-1.tar"), tmp_path)
+    keys = shard_keys(shard)
+    # Text over the third sample's first header: not even its numeric fields parse.
+    overwrite(shard, member_offsets(shard)[f"{keys[2]}.{schema.BG}"].offset, b"garbage!" * 64)
+
+    assert predict_shard(checkpoint, shard, tmp_path / "out") == 0
+    predicted = {p.name for p in (tmp_path / "out").iterdir()}
+    if with_index:  # the index says where the next sample starts: only the damaged one is lost
+        assert predicted == set(keys) - {keys[2]}
+    else:  # streamed: the damage ends the shard
+        assert predicted == set(keys[:2])
+    err = capsys.readouterr().err
+    assert "predict.py: skipped" in err and str(shard) in err and "Traceback" not in err
+
+
+def _gzip_copy(shard_dir, path):
+    path.write_bytes(gzip.compress((shard_dir / "val-1.tar").read_bytes()))
+
+
+BAD_SHARDS = {  # case: (make the --shard file, or None to pass a path as is; --shard; what the error names)
+    "empty": (lambda shard_dir, path: path.write_bytes(b""), "empty.tar"),
+    "not a tar": (lambda shard_dir, path: path.write_bytes(os.urandom(4096)), "not-a-tar.tar"),
+    "gzipped": (_gzip_copy, "gzipped.tar.gz"),
+    "missing": (None, "missing.tar"),
+    "manifest": (None, schema.MANIFEST),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_a_missing_empty_or_non_tar_shard_is_a_one_line_error(case, checkpoint, shard_dir, tmp_path, capsys):
+    make, name = BAD_SHARDS[case]
+    path = (shard_dir if case == "manifest" else tmp_path) / name
+    if make:
+        make(shard_dir, path)
+    assert predict_shard(checkpoint, path, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("predict.py: error:") and str(path) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, named", [(["--image-size", "0"], "--image-size"),
+                                          (["--image-size", "100000"], "--image-size 100000"),
+                                          (["--image-size", "80"], "image size 80"),
+                                          (["--limit", "-1"], "--limit")])
+def test_bad_options_are_a_one_line_error(extra, named, checkpoint, shard_dir, tmp_path, capsys):
+    assert predict_shard(checkpoint, shard_dir / "val-1.tar", tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("predict.py: error:") and named in err, err
+
+
+def test_device_cuda_without_a_gpu_is_a_one_line_error(checkpoint, shard_dir, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(checkpoint),
+                           "--shard", str(shard_dir / "val-1.tar"), "--out", str(tmp_path / "out"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # no GPU, also on a machine with one
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "predict.py: error: --device cuda: no CUDA device is available (use --device cpu or auto)"]

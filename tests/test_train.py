@@ -1,16 +1,20 @@
 """train.py end to end on the tiny shards of conftest: learning, resume, DDP, bad input."""
 
+import errno
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from faults import file_size_limit
 from model import UNet, UNetConfig, total_loss
 from pipeline import Batch, PipelineError, make_loader, schema
 from training import runfolder, steps
@@ -136,26 +140,61 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["no-match", "unreachable", "image-size", "unwritable", "other-model"])
+# case: (extra arguments, what the error line must name); the last of a repeated option wins.
+BAD_VALUES = {
+    "lr-nan": (["--lr", "nan"], "--lr"),
+    "lr-inf": (["--lr", "inf"], "--lr"),
+    "weight-decay": (["--weight-decay", "-1"], "--weight-decay"),
+    "warmup": (["--warmup-steps", "-3"], "--warmup-steps"),
+    "w-bce": (["--w-bce", "-1"], "--w-bce"),
+    "w-dice": (["--w-dice", "nan"], "--w-dice"),
+    "all-weights-zero": ([f"--w-{term}=0" for term in ("bce", "dice", "l1", "ssim", "grad")], "all loss weights are 0"),
+    "minutes": (["--minutes", "nan"], "--minutes"),
+    "retries": (["--retries", "1000"], "--retries"),
+    "seed": (["--seed", "-1"], "--seed"),
+    "image-size-multiple": (["--image-size", "80"], "image size 80"),
+    "image-size-huge": (["--image-size", "100000"], "--image-size 100000"),
+    "width-huge": (["--width", "100000"], "--width 100000"),
+    "unknown-option": (["--learning-rate", "1"], "--learning-rate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_fail_before_the_first_step_with_one_line_naming_them(case, shard_dir, tmp_path, capsys):
+    extra, named = BAD_VALUES[case]
+    assert run_train(shard_dir, tmp_path / "run", "--steps", "2", "--no-val", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:") and named in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was taken
+
+
+@pytest.mark.parametrize("case", ["no-match", "unreachable", "unwritable", "other-model", "val-not-tar", "val-empty",
+                                  "val-unreachable"])
 def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, capsys):
     out, shards = tmp_path / "run", f"{shard_dir}/batch-{{1..2}}.tar"
-    extra, named = [], None
+    extra, named = ["--no-val"], None
     if case == "no-match":
         shards, named = f"{tmp_path}/missing-{{1..2}}.tar", "missing-1.tar"
     elif case == "unreachable":
         port = _closed_port()
         shards, named = f"http://127.0.0.1:{port}/batch-{{1..2}}.tar", f"127.0.0.1:{port}"
-        extra = ["--retries", "0"]
-    elif case == "image-size":
-        extra, named = ["--image-size", "80"], "image size 80"
+        extra += ["--retries", "0"]
     elif case == "unwritable":
         (tmp_path / "file").write_text("")
         out, named = tmp_path / "file" / "run", str(tmp_path / "file" / "run")
-    else:
+    elif case == "other-model":
         assert run_train(shard_dir, out, "--steps", "1", "--no-val") == 0
         capsys.readouterr()
-        extra, named = ["--resume", "--width", "8"], str(out / "last.pt")
-    args = ["--shards", shards, "--out", str(out), *TINY, "--steps", "2", "--no-val", *extra]  # last one wins
+        extra, named = ["--no-val", "--resume", "--width", "8"], str(out / "last.pt")
+    elif case == "val-not-tar":  # found at start-up, not at the first validation
+        extra, named = ["--val-shards", str(shard_dir / schema.MANIFEST)], str(shard_dir / schema.MANIFEST)
+    elif case == "val-empty":
+        (tmp_path / "val-1.tar").write_bytes(b"")
+        extra, named = ["--val-shards", str(tmp_path / "val-1.tar")], str(tmp_path / "val-1.tar")
+    else:
+        url = f"http://127.0.0.1:{_closed_port()}/val-1.tar"
+        extra, named = ["--val-shards", url, "--retries", "0"], url
+    args = ["--shards", shards, "--out", str(out), *TINY, "--steps", "2", *extra]  # last one wins
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
@@ -170,3 +209,15 @@ def test_storage_options_parse_json_values_and_stay_out_of_checkpoints(shard_dir
     assert run_train(shard_dir, out, "--steps", "1", "--no-val", *options) == 0  # local files ignore them
     assert b"hunter2" not in (out / "last.pt").read_bytes()
     assert torch.load(out / "last.pt", weights_only=False)["args"]["storage_options"] == ["client_kwargs", "secret"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    # A checkpoint at width 4 is 3.8 MB; metrics.jsonl and the TensorBoard events stay far below 1 MiB.
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
+                           "--out", str(out), *TINY, "--steps", "2", "--no-val"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, preexec_fn=file_size_limit(1 << 20))
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0] == f"train.py: error: cannot write checkpoint {out / 'last.pt'}: {os.strerror(errno.EFBIG)}"
+    assert not list(out.glob("last.pt*"))

@@ -1,10 +1,11 @@
 """Checkpoints: one dict with everything needed to predict and to resume exactly.
 
-Written atomically (temporary file in the same folder, then os.replace), so a crash while
-saving leaves the previous checkpoint intact, never a truncated one.
+Written atomically and durably (temporary file in the same folder, fsync, rename, fsync of the
+folder: pipeline.schema.replace_durably), so a crash or power loss while saving leaves the
+previous checkpoint intact, never a truncated one.
 """
 
-import os
+import io
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from model import UNet, UNetConfig
+from pipeline.schema import replace_durably
 
 from . import UserError
 
@@ -35,10 +37,20 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write `state` (plus the format tag) to `path` atomically."""
+    """Write `state` (plus the format tag) to `path` atomically; a failed write (disk full)
+    raises UserError and leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        # Serialised in memory first (the checkpoint's size, ~130 MB at the default width): torch's
+        # own file writer reports a full disk as "unexpected pos 768 vs 662", a write() says why.
+        data = io.BytesIO()
+        torch.save({"format": FORMAT, **state}, data)
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+        replace_durably(str(tmp), str(path))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
 
 
 def load(path: Path | str, map_location="cpu") -> dict:

@@ -1,10 +1,13 @@
 """Process-group setup for torchrun (NCCL on CUDA, gloo on the CPU) and small collectives."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from . import UserError
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,39 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (identity without a process group)."""
+def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
     if not dist.is_initialized():
         return [float(value) for value in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any, so all ranks stop at the same step."""
-    return all_sum([float(flag)], device)[0] > 0
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (identity without a process group)."""
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
+
+
+def all_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of each of a few numbers over all ranks (identity without a process group)."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+@contextlib.contextmanager
+def fail_together(ctx: Context):
+    """Run a block of start-up checks on every rank; if it raises on any rank, raise on all.
+
+    Otherwise a rank that fails a check exits while the others wait for it in their next
+    collective until torchrun kills them. The ranks that did not fail themselves raise a
+    UserError naming one that did (its own message says why).
+    """
+    error = None
+    try:
+        yield
+    except Exception as raised:
+        error = raised
+    failed = int(all_max([ctx.rank + 1 if error is not None else 0], ctx.device)[0]) - 1
+    if error is not None:
+        raise error
+    if failed >= 0:
+        raise UserError(f"rank {failed} failed a start-up check (its own error line says which)")

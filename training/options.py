@@ -2,11 +2,15 @@
 
 import argparse
 import json
+import math
 import os
+
+import torch
 
 from model import UNetConfig, check_image_size
 
 from . import UserError
+from .signals import DUPLICATE_WINDOW
 
 
 def storage_option(text: str) -> tuple[str, object]:
@@ -20,14 +24,46 @@ def storage_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _positive(kind):
+def number(kind, *, least=None, above=None, below=None):
+    """An argparse type: a finite `kind` (int or float) with least <= value, above < value and
+    value < below. argparse names the option in its message: "argument --lr: must be > 0, got nan"."""
+
     def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {text}")
         return value
 
     return parse
+
+
+POSITIVE_INT, COUNT = number(int, least=1), number(int, least=0)
+LOSS_TERMS = ("bce", "dice", "l1", "ssim", "grad")  # --w-TERM, model.LossWeights' fields
+MAX_RETRIES = 20  # the wait doubles after each failure: 20 retries already wait up to 6 days
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a UserError (one line, exit status 2 in main) instead of
+    the usage text plus a line: a bad value is then reported like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def check_device(choice: str) -> None:
+    """--device cuda needs a CUDA device (auto falls back to the CPU)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -41,14 +77,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train.py",
         description="Train the mask + depth U-Net on WebDataset shards streamed by pipeline.make_loader.",
         epilog="examples:\n"
         "  python train.py --shards 'shards/batch-{1..20}.tar' --out runs/exp1\n"
         "  python train.py --shards 'shards/batch-{1..20}.tar' --out runs/exp1 --resume --steps 20000\n"
         "  torchrun --nproc_per_node=8 train.py --shards 's3://bucket/shards/batch-{1..20}.tar' --out runs/exp1\n"
-        "  (multi-node: torchrun --nnodes=N --node_rank=K --master_addr=HOST0 --master_port=29500 ...)",
+        "  (multi-node: torchrun --nnodes=N --node_rank=K --master_addr=HOST0 --master_port=29500 ...)\n\n"
+        "exit status: 0 done; 2 bad input (one 'train.py: error:' line, checked before the first step);\n"
+        "  143 (SIGTERM) or 130 (SIGINT): stopped by the signal after the current step, last.pt saved,\n"
+        f"  continue with --resume; a second signal {DUPLICATE_WINDOW:g} s or more after the first exits at once,\n"
+        "  without saving, with the same status",
         formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -56,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-shards",
                       help="validation shards (default: the val-*.tar beside --shards, from their manifest or a glob)")
     data.add_argument("--no-val", action="store_true", help="do not validate even if val shards exist")
-    data.add_argument("--batch-size", type=_positive(int), default=32, help="samples per batch on each rank")
-    data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
-    data.add_argument("--image-size", type=_positive(int), default=224, help="square training size (multiple of 32)")
-    data.add_argument("--retries", type=int, default=5, help="retries of a failing shard read (backoff 1, 2, 4... s)")
+    data.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="samples per batch on each rank")
+    data.add_argument("--workers", type=COUNT, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
+    data.add_argument("--image-size", type=POSITIVE_INT, default=224,
+                      help="square training size (multiple of 32; checked against the device's memory)")
+    data.add_argument("--retries", type=number(int, least=0, below=MAX_RETRIES + 1), default=5,
+                      help=f"retries of a failing shard read (backoff 1, 2, 4... s; at most {MAX_RETRIES})")
     data.add_argument("--cache-dir", help="keep remote shards in this local folder (checked against the manifest's "
                       "sha256) for later epochs and runs; the ranks of one machine may share it")
     data.add_argument(
@@ -74,21 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("model and loss")
-    model.add_argument("--width", type=_positive(int), default=UNetConfig.width, help="U-Net base channels")
-    for term, default in (("bce", 1.0), ("dice", 1.0), ("l1", 1.0), ("ssim", 1.0), ("grad", 1.0)):
-        model.add_argument(f"--w-{term}", type=float, default=default, help=f"weight of the {term} loss term")
+    model.add_argument("--width", type=POSITIVE_INT, default=UNetConfig.width, help="U-Net base channels")
+    for term in LOSS_TERMS:
+        model.add_argument(f"--w-{term}", type=number(float, least=0), default=1.0,
+                           help=f"weight of the {term} loss term (>= 0)")
 
     schedule = parser.add_argument_group("schedule")
     length = schedule.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive(int), help="optimizer steps in total (counting resumed ones)")
-    length.add_argument("--epochs", type=_positive(int), help="passes over the training shards (default 5)")
-    schedule.add_argument("--minutes", type=_positive(float), help="also stop after this much wall time")
-    schedule.add_argument("--lr", type=_positive(float), default=1e-3, help="peak AdamW learning rate")
-    schedule.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    schedule.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the schedule, <= 1000)")
+    length.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps in total (counting resumed ones)")
+    length.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training shards (default 5)")
+    schedule.add_argument("--minutes", type=number(float, above=0), help="also stop after this much wall time")
+    schedule.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak AdamW learning rate")
+    schedule.add_argument("--weight-decay", type=number(float, least=0), default=1e-4, help="AdamW weight decay")
+    schedule.add_argument("--warmup-steps", type=COUNT, help="linear warmup (default: 5%% of the schedule, <= 1000)")
     schedule.add_argument(
         "--schedule-steps",
-        type=_positive(int),
+        type=POSITIVE_INT,
         help="length of the warmup + cosine schedule (default: the run's total steps); "
         "set it when you plan to stop early and resume with a larger --steps",
     )
@@ -107,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="runs/latest", help="run folder (checkpoints, metrics, previews)")
     output.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    output.add_argument("--val-every", type=_positive(int), default=1000, help="validate every N steps (and at the end)")
-    output.add_argument("--save-every", type=_positive(int), default=1000, help="write OUT/last.pt every N steps")
-    output.add_argument("--log-every", type=_positive(int), default=20, help="metrics.jsonl line every N steps")
-    output.add_argument("--previews", type=int, default=4, help="validation samples per preview PNG")
-    output.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling and augmentation")
+    output.add_argument("--val-every", type=POSITIVE_INT, default=1000, help="validate every N steps (and at the end)")
+    output.add_argument("--save-every", type=POSITIVE_INT, default=1000, help="write OUT/last.pt every N steps")
+    output.add_argument("--log-every", type=POSITIVE_INT, default=20, help="metrics.jsonl line every N steps")
+    output.add_argument("--previews", type=COUNT, default=4, help="validation samples per preview PNG")
+    output.add_argument("--seed", type=number(int, least=0, below=2**63), default=0,
+                        help="seeds the weights, shuffling and augmentation")
     return parser
 
 
@@ -123,13 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_image_size(args.image_size, UNetConfig(width=args.width))
     except ValueError as err:
         raise UserError(f"--image-size: {err}") from None
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
+    if not any(getattr(args, f"w_{term}") for term in LOSS_TERMS):
+        raise UserError("--w-" + "/--w-".join(LOSS_TERMS) + ": all loss weights are 0, nothing would be learned")
+    check_device(args.device)
     if args.steps is None and args.epochs is None:
         args.epochs = 5
     return args

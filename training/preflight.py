@@ -1,0 +1,134 @@
+"""Checks that need the data or the device, made before the first step (train.py) or the first
+prediction (predict.py): a run that cannot go through fails now, in one line, instead of at
+its first validation or in an allocation failure deep inside a step.
+"""
+
+import tarfile
+from pathlib import Path
+
+import torch
+
+from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
+from pipeline import PipelineError, make_loader, schema
+from pipeline.streams import open_range
+
+from . import UserError
+from .distributed import Context, fail_together
+
+# Against the peak memory of real steps (CPU; widths 4-24, 224-1024 px, batches 1-8) the
+# estimate below came to 0.84-1.09 of it: a step also holds its input, gradients of activations
+# in flight and allocator slack.
+_MARGIN = 1.4
+
+
+def probe_shard(url: str, storage_options: dict | None = None, *, retries: int = 5) -> None:
+    """Raise UserError unless `url` opens and starts with a tar header (a peek, not a read)."""
+    with open_range(url, storage_options, end=tarfile.BLOCKSIZE, retries=retries) as stream:
+        block = stream.read(tarfile.BLOCKSIZE)
+    if not block:
+        raise UserError(f"{url} is empty, not a tar shard")
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EmptyHeaderError:
+        raise UserError(f"{url} holds no samples (an empty tar)") from None
+    except tarfile.HeaderError as error:
+        hint = f"; {schema.MANIFEST} describes the shards, pass one of them" if url.endswith(schema.MANIFEST) else ""
+        raise UserError(f"{url} is not a tar shard: {error}{hint}") from None
+
+
+def check_validation_shards(urls: list[str], loader_args: dict) -> None:
+    """Open every validation shard and plan a pass over them, as the first validation will."""
+    for url in urls:
+        try:
+            probe_shard(url, loader_args["storage_options"], retries=loader_args["retries"])
+        except (UserError, PipelineError) as error:
+            raise UserError(f"validation shard: {error}") from None
+    if urls:
+        make_loader(urls, train=False, epoch=0, **loader_args)  # sample counts, batches per rank
+
+
+def _state_bytes(config: UNetConfig, training: bool) -> int:
+    """The weights, and for training their gradients and AdamW's two moments (float32)."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        parameters = count_parameters(UNet(config))
+    return parameters * 4 * (4 if training else 1)
+
+
+def _activation_bytes(config: UNetConfig, image_size: int, batch_size: int, amp_dtype) -> int:
+    """What a training step keeps for its backward pass (also an upper bound for a forward pass
+    alone), measured on the CPU at two small sizes: the part that grows with the pixels is
+    scaled to the real size and batch, the rest (weights cast by autocast) is not."""
+    model = UNet(config).to(memory_format=torch.channels_last)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(size: int) -> int:
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()  # views of one tensor share it: count it once
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        # Two samples: batch norm needs two values per channel where the deepest level is 1x1.
+        x = torch.zeros(2, config.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+        target = torch.zeros(2, 1, size, size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            total_loss(*model(x), target, target, LossWeights())
+        return sum(saved.values())
+
+    small = config.stride
+    at_small, at_double = saved_bytes(small), saved_bytes(2 * small)
+    per_pixel = (at_double - at_small) / (3 * small**2)  # of both samples
+    fixed = max(at_small - per_pixel * small**2, 0)
+    return int(fixed + per_pixel / 2 * image_size**2 * batch_size)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on a GPU; on the CPU the kernel's MemAvailable, capped by a cgroup (container)
+    limit. None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to honour
+    return free
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: torch.device, *,
+                 training: bool, amp_dtype: torch.dtype | None = None, options: str) -> None:
+    """Raise UserError when one step would need more memory than `device` has free, naming
+    --width or `options` (e.g. "--image-size 512 with --batch-size 32")."""
+    free = available_memory(device)
+    if free is None:
+        return
+    state = _MARGIN * _state_bytes(config, training)
+    if state > free:  # checked first: the measurement below builds the model
+        raise UserError(f"--width {config.width}: the model alone needs about {_gib(state)}; "
+                        f"{device} has {_gib(free)} free")
+    needed = state + _MARGIN * _activation_bytes(config, image_size, batch_size, amp_dtype)
+    if needed > free:
+        step = "training step" if training else "prediction"
+        raise UserError(f"{options} needs about {_gib(needed)} for one {step} (width {config.width}); "
+                        f"{device} has {_gib(free)} free")
+
+
+def check_training(args, ctx: Context, val_urls: list[str], loader_args: dict, amp_dtype) -> None:
+    """train.py's checks before its first step, on every rank (a failure on one stops all)."""
+    with fail_together(ctx):
+        check_validation_shards(val_urls, loader_args)
+        check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
+                     amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
