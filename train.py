@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
-from pipeline import PipelineError, expand_urls, make_loader
+from pipeline import Pipeline, PipelineError, expand_urls
 from training import UserError, checkpoint, distributed
 from training.logger import RunLogger, Window
 from training.options import parse_args
@@ -62,9 +62,8 @@ class Run:
     args: object
     ctx: distributed.Context
     out: Path
-    train_urls: list
-    val_urls: list
-    loader_args: dict
+    train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
+    val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
     loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
     config: UNetConfig
     model: torch.nn.Module
@@ -127,7 +126,7 @@ def resume(run: Run) -> None:
 
 def validate(run: Run) -> None:
     """Score the validation shards, log and preview the result, keep best.pt."""
-    result, preview = evaluate(run.model, run.val_urls, run.loader_args, run.ctx.device, amp_dtype=run.amp_dtype,
+    result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
                                channels_last=True, weights=run.weights, previews=run.args.previews)
     run.logger.log("val", run.step, {"epoch": run.epoch, **result})
     run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
@@ -141,18 +140,28 @@ def validate(run: Run) -> None:
 
 
 def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
-    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one."""
+    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one.
+
+    Besides data_wait (the share of the time the loop waited for a batch), it says where this
+    rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
+    milliseconds per sample (summed over the workers: read = tar stream and shuffle buffer,
+    decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
+    step shows whether the data or the model held it up, and which stage of the data.
+    """
     window = run.window
+    window.take_loader_stats(loader)
     loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
         [float(window.loss), window.samples, len(loader.skipped)], run.ctx.device)
     seconds = window.seconds()
-    record = {"epoch": run.epoch, "loss": loss_sum / run.ctx.world_size / window.steps,
-              **{k: float(v) for k, v in terms.items()}, "lr": run.scheduler.get_last_lr()[0],
+    local_samples = max(window.samples, 1)
+    record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
+              **{k: float(v) for k, v in (terms or {}).items()}, "lr": run.scheduler.get_last_lr()[0],
               "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
+              **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in ("read", "decode", "fit")},
               "skipped": int(run.skipped_before + run.skipped_this_epoch)}
     run.logger.log("train", run.step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-    run.window = Window()
+    run.window = window.next()
 
 
 def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
@@ -161,6 +170,8 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
     args, ctx = run.args, run.ctx
     run.epoch_len, run.skipped_this_epoch = len(loader) + run.batch_in_epoch, 0
     stop = exhausted = False
+    terms = None
+    run.window.follow(loader)
     batches = iter(loader)
     while run.step < run.total_steps and not stop:
         waiting = time.perf_counter()
@@ -170,11 +181,12 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
             exhausted = True
             break
         x, mask, depth = prepare_batch(batch, ctx.device, channels_last=True)
-        loss, terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
-                                 weights=run.weights, amp_dtype=run.amp_dtype)
+        loss, step_terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
+                                      weights=run.weights, amp_dtype=run.amp_dtype)
+        terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
         run.scheduler.step()
         run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
-        run.window.loss += loss  # stays on the device: no sync until the next log line
+        run.window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
         run.window.steps, run.window.samples = run.window.steps + 1, run.window.samples + x.shape[0]
         if args.minutes:
             stop = distributed.any_rank(time.monotonic() - started > args.minutes * 60, ctx.device)
@@ -182,10 +194,11 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
         if run.step % args.log_every == 0 or last:
             log_window(run, loader, terms, bar)
         bar.update(1)
-        if run.val_urls and (run.step % args.val_every == 0 or last):
+        if run.val_data and (run.step % args.val_every == 0 or last):
             validate(run)
         if ctx.is_main and (run.step % args.save_every == 0 or last):
             checkpoint.save(run.out / "last.pt", snapshot(run))
+    run.window.take_loader_stats(loader)
     if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
         run.skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
         run.skipped_this_epoch = 0
@@ -201,11 +214,13 @@ def train(args, ctx: distributed.Context) -> None:
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
                        pin_memory=ctx.device.type == "cuda")
-    # Epoch 0's loader tells the epoch length (it raises when a rank gets no batch) and, unless
-    # resuming elsewhere, is the one the loop runs: its manifest read and probe happen once.
-    loader = make_loader(train_urls, train=True, epoch=0, **loader_args)
-    steps_per_epoch = len(loader)
+    # Made once: their workers live for the whole run (epochs and validations reuse them), and
+    # making them reads the manifests and opens a first shard, so bad shards fail here, before
+    # the first step. The epoch length raises when a rank gets no batch.
+    train_data = Pipeline(train_urls, train=True, **loader_args)
+    steps_per_epoch = train_data.batches_per_epoch
     val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
+    val_data = Pipeline(val_urls, train=False, **loader_args) if val_urls else None
     if ctx.is_main:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
@@ -223,7 +238,7 @@ def train(args, ctx: distributed.Context) -> None:
     forward = model
     if ctx.world_size > 1:
         forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    run = Run(args=args, ctx=ctx, out=out, train_urls=train_urls, val_urls=val_urls, loader_args=loader_args,
+    run = Run(args=args, ctx=ctx, out=out, train_data=train_data, val_data=val_data,
               loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
                                    image_size=args.image_size, seed=args.seed),
               config=config, model=model, forward=torch.compile(forward) if args.compile else forward,
@@ -237,8 +252,6 @@ def train(args, ctx: distributed.Context) -> None:
     # --- resume ----------------------------------------------------------------------------
     if args.resume:
         resume(run)
-        if (run.epoch, run.batch_in_epoch) != (0, 0):
-            loader = None  # the loop builds the one that starts where the run stopped
         if run.step >= total_steps:
             run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
             return
@@ -251,17 +264,17 @@ def train(args, ctx: distributed.Context) -> None:
     started, stop = time.monotonic(), False
     run.window = Window()
     while run.step < total_steps and not stop:
-        if loader is None:
-            loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
-                                 **loader_args)
-        stop = train_epoch(run, loader, bar, started)
-        loader = None
+        # Epoch after epoch from the same workers, which make epoch e+1 while e ends.
+        stop = train_epoch(run, train_data.epoch(run.epoch, start_batch=run.batch_in_epoch), bar, started)
     bar.close()
 
     # --- final evaluation and checkpoint ---------------------------------------------------
-    if val_urls and run.last_validated != run.step:
+    if val_data and run.last_validated != run.step:
         validate(run)
     run.logger.close()
+    for data in (train_data, val_data):  # (an early exit leaves this to their garbage collection)
+        if data is not None:
+            data.close()
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
         print(f"rank {ctx.rank}/{ctx.world_size}: finished at step {run.step}", flush=True)
     run.say(f"done at step {run.step}; checkpoints in {out}" + ("" if val_urls else " (no validation shards: no best.pt)"))

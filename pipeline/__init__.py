@@ -15,6 +15,7 @@ _EXPORTS = {
     "Batch": "pipeline.augment",
     "Loader": "pipeline.loader",
     "make_loader": "pipeline.loader",
+    "Pipeline": "pipeline.loader",
     "PipelineError": "pipeline.errors",
     "expand_urls": "pipeline.sources",
     "read_manifest": "pipeline.sources",
