@@ -108,27 +108,26 @@ class SharedBatches:
         _IN_THIS_PROCESS[self.token] = self
 
     def __getstate__(self):  # spawned workers get the tensors, not this process's numpy views
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_np")}
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         _IN_THIS_PROCESS[self.token] = self
 
-    def _np_memory(self) -> np.ndarray:
-        if "_np_memory_cache" not in self.__dict__:
-            self.__dict__["_np_memory_cache"] = self.memory.numpy()
-            self.__dict__["_np_busy_cache"] = self.busy.numpy()
-        return self.__dict__["_np_memory_cache"]
+    def _numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(memory, busy flags) as numpy arrays of this process, made on first use."""
+        if "_arrays" not in self.__dict__:
+            self._arrays = (self.memory.numpy(), self.busy.numpy())
+        return self._arrays
 
     def _slot_bytes(self, slot: int) -> np.ndarray:
         start = slot * self.layout.nbytes
-        return self._np_memory()[start:start + self.layout.nbytes]
+        return self._numpy()[0][start:start + self.layout.nbytes]
 
     # --- worker side ----------------------------------------------------------------
     def claim(self, owner: int) -> Buffer:
         """A free slot of `owner`'s, marked busy; fresh memory when all of them are busy."""
-        self._np_memory()
-        busy = self.__dict__["_np_busy_cache"]
+        busy = self._numpy()[1]
         for slot in range(owner * self.slots, (owner + 1) * self.slots):
             if not busy[slot]:
                 busy[slot] = 1
@@ -146,13 +145,10 @@ class SharedBatches:
         return self.layout.tensors(torch.from_numpy(window), count)
 
     def free(self, slot: int | None) -> None:
+        """Mark a slot free: the main process's job, or the owning worker's for a slot it
+        claimed and never sent."""
         if slot is not None:
-            self._np_memory()
-            self.__dict__["_np_busy_cache"][slot] = 0
-
-    def busy_slots(self) -> int:
-        """How many slots are busy now (tests and diagnostics)."""
-        return int(self.busy.sum())
+            self._numpy()[1][slot] = 0
 
 
 def in_this_process(token: int) -> SharedBatches:
