@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
-from pipeline import PipelineError, expand_urls, make_loader
+from pipeline import Pipeline, PipelineError, expand_urls
 from training import UserError, checkpoint, distributed, preflight, signals
 from training.logger import RunLogger, Window
 from training.options import parse_args
@@ -72,9 +72,8 @@ class Run:
     ctx: distributed.Context
     stop_request: signals.StopRequest
     out: Path
-    train_urls: list
-    val_urls: list
-    loader_args: dict
+    train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
+    val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
     loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
     config: UNetConfig
     model: torch.nn.Module
@@ -138,7 +137,7 @@ def resume(run: Run) -> None:
 
 def validate(run: Run) -> None:
     """Score the validation shards, log and preview the result, keep best.pt."""
-    result, preview = evaluate(run.model, run.val_urls, run.loader_args, run.ctx.device, amp_dtype=run.amp_dtype,
+    result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
                                channels_last=True, weights=run.weights, previews=run.args.previews)
     run.logger.log("val", run.step, {"epoch": run.epoch, **result})
     run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
@@ -152,18 +151,28 @@ def validate(run: Run) -> None:
 
 
 def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
-    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one."""
+    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one.
+
+    Besides data_wait (the share of the time the loop waited for a batch), it says where this
+    rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
+    milliseconds per sample (summed over the workers: read = tar stream and shuffle buffer,
+    decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
+    step shows whether the data or the model held it up, and which stage of the data.
+    """
     window = run.window
+    window.take_loader_stats(loader)
     loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
         [float(window.loss), window.samples, len(loader.skipped)], run.ctx.device)
     seconds = window.seconds()
-    record = {"epoch": run.epoch, "loss": loss_sum / run.ctx.world_size / window.steps,
-              **{k: float(v) for k, v in terms.items()}, "lr": run.scheduler.get_last_lr()[0],
+    local_samples = max(window.samples, 1)
+    record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
+              **{k: float(v) for k, v in (terms or {}).items()}, "lr": run.scheduler.get_last_lr()[0],
               "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
+              **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in ("read", "decode", "fit")},
               "skipped": int(run.skipped_before + run.skipped_this_epoch)}
     run.logger.log("train", run.step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-    run.window = Window()
+    run.window = window.next()
 
 
 def stop_now(run: Run, started: float) -> bool:
@@ -181,6 +190,8 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
     args, ctx = run.args, run.ctx
     run.epoch_len, run.skipped_this_epoch = len(loader) + run.batch_in_epoch, 0
     stop = exhausted = False
+    terms = None
+    run.window.follow(loader)
     batches = iter(loader)
     while run.step < run.total_steps and not stop:
         waiting = time.perf_counter()
@@ -190,11 +201,12 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
             exhausted = True
             break
         x, mask, depth = prepare_batch(batch, ctx.device, channels_last=True)
-        loss, terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
-                                 weights=run.weights, amp_dtype=run.amp_dtype)
+        loss, step_terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
+                                      weights=run.weights, amp_dtype=run.amp_dtype)
+        terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
         run.scheduler.step()
         run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
-        run.window.loss += loss  # stays on the device: no sync until the next log line
+        run.window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
         run.window.steps, run.window.samples = run.window.steps + 1, run.window.samples + x.shape[0]
         stop = stop_now(run, started)
         last = run.step == run.total_steps or stop
@@ -202,7 +214,7 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
             log_window(run, loader, terms, bar)
         bar.update(1)
         # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
-        if run.val_urls and (run.step % args.val_every == 0 or last) and not run.signum:
+        if run.val_data and (run.step % args.val_every == 0 or last) and not run.signum:
             try:
                 validate(run)
             except (UserError, PipelineError):  # the steps since the last save are not lost with it
@@ -213,6 +225,7 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
             checkpoint.save(run.out / "last.pt", snapshot(run))
     if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
         signals.stop_workers()
+    run.window.take_loader_stats(loader)
     if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
         run.skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
         run.skipped_this_epoch = 0
@@ -227,15 +240,15 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     train_urls = expand_urls(args.shards, args.storage_options)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
-                       cache_dir=args.cache_dir,
-                       pin_memory=ctx.device.type == "cuda")
-    # Epoch 0's loader tells the epoch length (it raises when a rank gets no batch) and, unless
-    # resuming elsewhere, is the one the loop runs: its manifest read and probe happen once.
-    loader = make_loader(train_urls, train=True, epoch=0, **loader_args)
-    steps_per_epoch = len(loader)
+                       cache_dir=args.cache_dir, pin_memory=ctx.device.type == "cuda")
+    # Made once: their workers live for the whole run (epochs and validations reuse them), and
+    # making them reads the manifests and opens a first shard, so bad shards fail here, before
+    # the first step. The epoch length raises when a rank gets no batch.
+    train_data = Pipeline(train_urls, train=True, **loader_args)
+    steps_per_epoch = train_data.batches_per_epoch
     val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
     amp_dtype = amp_dtype_for(args.amp, ctx.device)
-    preflight.check_training(args, ctx, val_urls, loader_args, amp_dtype)
+    val_data = preflight.check_training(args, ctx, val_urls, loader_args, amp_dtype)
     if ctx.is_main:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
@@ -252,8 +265,7 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     forward = model
     if ctx.world_size > 1:
         forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_urls=train_urls, val_urls=val_urls,
-              loader_args=loader_args,
+    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_data=train_data, val_data=val_data,
               loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
                                    image_size=args.image_size, seed=args.seed),
               config=config, model=model, forward=torch.compile(forward) if args.compile else forward,
@@ -267,8 +279,6 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     # --- resume ----------------------------------------------------------------------------
     if args.resume:
         resume(run)
-        if (run.epoch, run.batch_in_epoch) != (0, 0):
-            loader = None  # the loop builds the one that starts where the run stopped
         if run.step >= total_steps:
             run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
             return 0
@@ -282,16 +292,19 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     # Closed however the loop ends, so an error line does not land on the end of a progress bar.
     with tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True) as bar:
         while run.step < total_steps and not stop:
-            if loader is None:
-                loader = make_loader(train_urls, train=True, epoch=run.epoch, start_batch=run.batch_in_epoch,
-                                     **loader_args)
+            # Epoch after epoch from the same workers, which make epoch e+1 while e ends.
+            this_pass = steps_per_epoch - run.batch_in_epoch
+            loader = train_data.epoch(run.epoch, start_batch=run.batch_in_epoch,
+                                      chain=total_steps - run.step > this_pass)
             stop = train_epoch(run, loader, bar, started)
-            loader = None
 
     # --- final evaluation and checkpoint ---------------------------------------------------
-    if val_urls and run.last_validated != run.step and not run.signum:
+    if val_data and run.last_validated != run.step and not run.signum:
         validate(run)
     run.logger.close()
+    for data in (train_data, val_data):  # (an early exit leaves this to their garbage collection)
+        if data is not None:
+            data.close()
     ended = f"stopped by {signals.name(run.signum)}" if run.signum else "finished"
     if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
         print(f"rank {ctx.rank}/{ctx.world_size}: {ended} at step {run.step}", flush=True)

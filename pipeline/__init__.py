@@ -16,6 +16,7 @@ _EXPORTS = {
     "close_clients": "pipeline.clients",
     "Loader": "pipeline.loader",
     "make_loader": "pipeline.loader",
+    "Pipeline": "pipeline.loader",
     "PipelineError": "pipeline.errors",
     "expand_urls": "pipeline.sources",
     "read_manifest": "pipeline.sources",

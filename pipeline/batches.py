@@ -1,35 +1,30 @@
-"""One (rank, worker) slot of the epoch plan to batches: read, shuffle, check, decode, fit to
-size, and draw each sample's augmentation (applied later, on the device: pipeline.augment).
+"""One (rank, worker) slot of an epoch plan to batch records: read, shuffle, check, decode into
+batch memory, fit to size, and draw each sample's augmentation (applied later, on the device:
+pipeline.augment).
 
 A slot always yields exactly its planned number of batches, whatever the data holds, so
-every rank takes the same number of steps. A bad sample is skipped and reported; in train
-mode its place is taken by one of the slot's spare samples, only when the spares run out do
-batches get smaller, and when the stream runs dry (a cut-off shard) the last batch repeats
-rather than a step going missing. In eval mode a batch holds exactly its planned samples
-minus the bad ones. Batches skipped for a resume are composed with the cheap JPEG checks
-only, so a resumed stream matches the original unless a sample passed those checks and
-still failed to decode in a skipped batch.
+every rank takes the same number of steps. A bad sample is skipped and reported. In train
+mode its place is taken by one of the slot's spare samples; only when the spares run out do
+batches get smaller, and a stream that runs dry (a cut-off shard, a manifest counting too
+many) yields smaller or empty batches: never a sample twice. In eval mode a batch holds
+exactly its planned samples minus the bad ones. Batches skipped for a resume are composed
+with the cheap JPEG checks only, so a resumed stream matches the original unless a sample
+passed those checks and still failed to decode in a skipped batch.
 """
 
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import get_worker_info
 
-from pipeline import schema
-from pipeline.augment import AUG_FIELDS, draw, sample_rng
-from pipeline.decode import BadSample, check, decode, fit
+from pipeline import batchmemory
+from pipeline.augment import draw, sample_rng
+from pipeline.batchmemory import AUG, SharedBatches
+from pipeline.decode import BadSample, Decoder, check
 from pipeline.errors import PipelineError
 from pipeline.plan import Slot, batch_index
 from pipeline.shardreader import read_samples
-
-# Batch dict fields (the API) for each shard member.
-FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
-CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
-AUG = "aug"  # train batches: each sample's draw (augment.AUG_FIELDS), applied by Batch.to
-INDEX, SKIPPED = "_index", "_skipped"  # private fields the Loader pops
-ERROR = "_error"  # the only field of a worker's last record when its slot failed
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,6 @@ class StreamConfig:
     image_size: int
     train: bool
     seed: int
-    epoch: int
     rank: int
     workers: int
     shuffle_buffer: int
@@ -50,6 +44,39 @@ class StreamConfig:
     retry_wait: float
     shards: tuple = ()  # shardreader.ShardInfo per URL
     cache_dir: str | None = None
+
+
+@dataclass
+class Record:
+    """One batch as a worker hands it to the main process: where its images are (a slot of
+    the shared batch memory, or fresh memory), what it holds, and what it cost.
+
+    `seconds` is this batch's share of the worker's time: read (tar stream and shuffle
+    buffer), decode (JPEG) and fit (resizing, thresholding, copying, drawing).
+    """
+
+    generation: int
+    epoch: int
+    index: int  # the batch's position in its rank's epoch
+    count: int = 0
+    keys: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    memory_token: int = -1
+    slot: int | None = None
+    fresh: torch.Tensor | None = None
+    pinned: dict | None = None  # the fields, copied to pinned memory by pin_memory()
+    error: str | None = None  # set on a worker's last record when its storage failed
+
+    def pin_memory(self, *_):
+        """Called by DataLoader's pin-memory thread (main process): copy the batch to
+        page-locked memory and free its slot at once, off the training loop's thread."""
+        if self.error is None and self.pinned is None:
+            memory = batchmemory.in_this_process(self.memory_token)
+            self.pinned = {name: tensor.pin_memory()
+                           for name, tensor in memory.tensors(self.slot, self.fresh, self.count).items()}
+            self.slot = self.fresh = None
+        return self
 
 
 def _samples(slot: Slot, config: StreamConfig):
@@ -74,98 +101,85 @@ def _shuffled(samples, size: int, rng: random.Random):
 
 
 class _SlotStream:
-    def __init__(self, slot: Slot, worker: int, config: StreamConfig):
-        self.slot, self.worker, self.config = slot, worker, config
+    def __init__(self, slot: Slot, worker: int, config: StreamConfig, epoch: int, decoder: Decoder):
+        self.slot, self.worker, self.config, self.epoch, self.decoder = slot, worker, config, epoch, decoder
         samples = _samples(slot, config)
         if config.train:
-            rng = random.Random(f"buffer/{config.seed}/{config.epoch}/{config.rank}/{worker}")
+            rng = random.Random(f"buffer/{config.seed}/{epoch}/{config.rank}/{worker}")
             samples = _shuffled(samples, config.shuffle_buffer, rng)
         self.samples = samples
-        self.pulled = 0
+        self.pulled, self.read_seconds = 0, 0.0
 
     def _next(self):
+        started = time.perf_counter()
         sample = next(self.samples, None)
+        self.read_seconds += time.perf_counter() - started
         self.pulled += sample is not None
         return sample
 
-    def _fill(self, planned: int, batches_left: int, decode_it: bool, skipped: list):
-        """Take samples for one batch; returns (keys, batch images or None when not decoding)."""
-        if self.config.train:
-            # Spares cover bad samples; once they run out, share what is left over the batches.
-            capacity = min(planned, max(1, (self.slot.num_samples - self.pulled) // batches_left))
-        else:
-            capacity = planned
-        images = _new_batch(capacity, self.config.image_size, self.config.train) if decode_it else None
+    def _fill(self, planned: int, batches_left: int, arrays, skipped: list) -> list[str]:
+        """Take one batch's samples (decoded into `arrays`, or only checked when it is None)."""
         keys = []
         if self.config.train:
+            # Spares cover bad samples; once they run out, what is left is shared over the
+            # batches left, the earlier ones rounding up.
+            capacity = min(planned, -(-(self.slot.num_samples - self.pulled) // batches_left))
             while len(keys) < capacity and (sample := self._next()) is not None:
-                self._take(sample, images, keys, skipped)
+                self._take(sample, arrays, keys, skipped)
         else:
             for _ in range(planned):
                 if (sample := self._next()) is None:
                     break
-                self._take(sample, images, keys, skipped)
-        return keys, images
+                self._take(sample, arrays, keys, skipped)
+        return keys
 
-    def _take(self, sample, images, keys, skipped):
+    def _take(self, sample, arrays, keys: list, skipped: list) -> None:
         try:
             if sample.error is not None:
                 raise BadSample(sample.error)
-            if images is None:
+            if arrays is None:
                 check(sample.members)
             else:
-                decoded = decode(sample.members)
-                fit(decoded, self.config.image_size, out={member: images[member][len(keys)] for member in CHANNELS})
+                n = len(keys)
+                self.decoder.decode_into(sample.members, {name: arrays[name][n] for name in batchmemory.CHANNELS})
                 if self.config.train:
-                    images[AUG][len(keys)] = torch.tensor(draw(sample_rng(self.config.seed, self.config.epoch, sample.key)))
+                    started = time.perf_counter()
+                    arrays[AUG][n] = draw(sample_rng(self.config.seed, self.epoch, sample.key))
+                    self.decoder.seconds["fit"] += time.perf_counter() - started
             keys.append(sample.key)
         except BadSample as reason:
             skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
 
-    def batches(self, skip: int):
-        sizes, last = self.slot.batch_sizes, None
+    def records(self, skip: int, memory: SharedBatches, generation: int):
+        sizes = self.slot.batch_sizes
         for i, planned in enumerate(sizes):
             skipped = []
-            keys, images = self._fill(planned, len(sizes) - i, i >= skip, skipped)
             if i < skip:
+                self._fill(planned, len(sizes) - i, None, skipped)
                 continue
-            if keys or not self.config.train:
-                last = {FIELDS.get(member, member): tensor[:len(keys)] for member, tensor in images.items()}
-                last["key"] = keys
-            elif last is None:  # a slot whose stream gave nothing usable at all
-                shards = ", ".join(self.config.urls[shard] for shard, _, _ in self.slot.ranges)
-                raise PipelineError(f"no readable sample in {shards} ({len(skipped)} skipped)")
-            # else: the stream ended early (a cut-off shard, a manifest counting too many). Every
-            # rank must still take its planned steps, so the last batch goes round again.
-            yield last | {INDEX: batch_index(i, self.worker, self.config.workers), SKIPPED: skipped}
+            before = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
+            buffer = memory.claim(self.worker)
+            try:
+                keys = self._fill(planned, len(sizes) - i, buffer.arrays, skipped)
+            except BaseException:
+                memory.free(buffer.slot)  # never sent, so still this worker's to give back
+                raise
+            after = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
+            seconds = {stage: b - a for stage, a, b in zip(("read", "decode", "fit"), before, after)}
+            yield Record(generation, self.epoch, batch_index(i, self.worker, self.config.workers), len(keys),
+                         keys, skipped, seconds, memory.token, buffer.slot, buffer.fresh)
 
 
-def _new_batch(count: int, size: int, train: bool) -> dict[str, torch.Tensor]:
-    """Uninitialised images (RGB channels-last, as decoded) for `count` samples, plus their
-    augmentation draws in train mode; in a worker process they live in shared memory already, so
-    handing the batch to the main process copies nothing."""
-    shapes = {member: (count, size, size, channels) for member, channels in CHANNELS.items()}
-    if train:
-        shapes[AUG] = (count, len(AUG_FIELDS))
-    batch = {}
-    for member, shape in shapes.items():
-        dtype = torch.float32 if member == AUG else torch.uint8
-        tensor = torch.empty(shape, dtype=dtype)
-        if get_worker_info() is not None:
-            tensor.share_memory_()  # before anything is written: it moves the storage, a copy of nothing
-        batch[member] = tensor if member == AUG else tensor.permute(0, 3, 1, 2)
-    return batch
-
-
-def slot_batches(slot: Slot, worker: int, config: StreamConfig, skip: int = 0):
-    """Yield a slot's batches (with private INDEX and SKIPPED fields), the first `skip`
-    of them only counted through (checked, not decoded), not yielded.
+def slot_records(slot: Slot, worker: int, config: StreamConfig, epoch: int, *, decoder: Decoder,
+                 memory: SharedBatches, generation: int, skip: int = 0):
+    """Yield a slot's batch records, the first `skip` of them only counted through (checked,
+    not decoded), not yielded.
 
     A PipelineError (storage that cannot be read) ends the slot with a record holding only
-    ERROR, its message: data the main process raises again, rather than an exception that
+    its `error`: data the main process raises again, rather than an exception that
     DataLoader would wrap in the worker's traceback.
     """
     try:
-        yield from _SlotStream(slot, worker, config).batches(skip)
+        yield from _SlotStream(slot, worker, config, epoch, decoder).records(skip, memory, generation)
     except PipelineError as error:
-        yield {ERROR: str(error)}
+        yield Record(generation, epoch, -1, error=str(error))

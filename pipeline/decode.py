@@ -1,24 +1,32 @@
-"""Raw sample members to uint8 tensors at the training size, and the cheap checks that catch
-broken JPEGs.
+"""Raw sample members to uint8 images at the training size, written straight into batch memory,
+and the cheap checks that catch broken JPEGs without decoding them.
 
-libjpeg only warns on a truncated file and fills the rest with grey, so a JPEG must start
-with SOI and end with EOI (trailing zero padding allowed) before it is decoded at all.
+The decoder is simplejpeg (libjpeg-turbo's TurboJPEG API, bit-identical to torchvision's
+decode_jpeg here), chosen over torchvision for three reasons measured in bench/loader.py:
+it decodes into a buffer we give it (the batch's shared memory: no copy), it is faster per
+call, and in strict mode it raises on what libjpeg only *warns* about ("Corrupt JPEG data:
+..."), which torchvision prints to stderr and then returns a damaged image. So a bit-flipped
+JPEG is a counted skip like a truncated one, and the reason carries libjpeg's own words.
+
+A JPEG must start with SOI and end with EOI (trailing zero padding allowed) before it is
+decoded at all: `check` is what a resumed epoch uses to compose the batches it skips.
 Members of another size (a half-size depth map, or all of them when training at a smaller
-size) are then fitted to the training size.
+size) are fitted to the training size.
 """
 
 import functools
-import warnings
+import time
 
+import numpy as np
+import simplejpeg
 import torch
 from torch.nn import functional as nn_functional
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import schema
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
-MODES = {schema.BG: ImageReadMode.RGB, schema.BGFG: ImageReadMode.RGB,
-          schema.MASK: ImageReadMode.GRAY, schema.DEPTH: ImageReadMode.GRAY}
+COLORSPACES = {schema.BG: "RGB", schema.BGFG: "RGB", schema.MASK: "GRAY", schema.DEPTH: "GRAY"}
+CHANNELS = {name: 3 if space == "RGB" else 1 for name, space in COLORSPACES.items()}
 MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
 
 
@@ -38,45 +46,73 @@ def check(members: dict[str, bytes]) -> None:
             raise BadSample(f"{name} is a truncated JPEG")
 
 
-def decode(members: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """Checked members to CHW uint8 tensors: bg, bgfg RGB; mask 0/1; depth luminance.
+class Decoder:
+    """One process's decoder: writes samples into batch memory and times its two stages.
 
-    Raises BadSample when a JPEG does not decode. The bg tensor may be shared with other
-    samples (see _decode_background): read it, never write to it.
+    `seconds` holds the time spent decoding JPEGs and fitting (resizing, thresholding,
+    copying a cached background), summed since the decoder was made.
     """
-    check(members)
-    with warnings.catch_warnings():
-        # torchvision 0.29 flags its codecs as deprecated on every call; they are still the
-        # decoder this project pins, and the warning would flood every worker's log.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        images = {name: _decode_background(members[name]) if name == schema.BG else _decode(name, members[name])
-                  for name in MODES}
-    images[schema.MASK] = (images[schema.MASK] > MASK_THRESHOLD).to(torch.uint8)
-    return images
+
+    def __init__(self, size: int):
+        self.size = size
+        self.seconds = {"decode": 0.0, "fit": 0.0}
+        # Backgrounds repeat: the seed dataset composes 2,000 samples on each of its 100, so
+        # the last 128 decoded (about 19 MB at 224 px) are kept, keyed by their bytes.
+        self._background = functools.lru_cache(maxsize=128)(self._decode_background)
+
+    def decode_into(self, members: dict[str, bytes], out: dict[str, np.ndarray]) -> None:
+        """Decode a sample's four images into `out` (name -> C-contiguous uint8 HWC array of
+        size x size): bg, bgfg RGB; mask 0/1; depth as luminance (colour-mapped depth works).
+        Raises BadSample naming the member when one is missing, truncated or corrupt."""
+        check(members)
+        background = self._background(members[schema.BG])
+        for name in (schema.BGFG, schema.MASK, schema.DEPTH):
+            self._decode(name, members[name], out[name])
+        decoded = time.perf_counter()
+        np.copyto(out[schema.BG], background)
+        mask = out[schema.MASK]
+        np.greater(mask, MASK_THRESHOLD, out=mask.view(np.bool_))  # 0/1 bytes, in place
+        self.seconds["fit"] += time.perf_counter() - decoded
+
+    def _decode_background(self, data: bytes) -> np.ndarray:
+        image = np.empty((self.size, self.size, 3), np.uint8)
+        self._decode(schema.BG, data, image)
+        return image
+
+    def _decode(self, name: str, data: bytes, out: np.ndarray) -> None:
+        started = time.perf_counter()
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            if (height, width) == out.shape[:2]:
+                simplejpeg.decode_jpeg(data, COLORSPACES[name], buffer=out)
+                self.seconds["decode"] += time.perf_counter() - started
+                return
+            image = simplejpeg.decode_jpeg(data, COLORSPACES[name])
+        except ValueError as error:  # libjpeg's errors and, in strict mode, its warnings
+            raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
+        fitting = time.perf_counter()
+        self.seconds["decode"] += fitting - started
+        _fit(name, image, out)
+        self.seconds["fit"] += time.perf_counter() - fitting
 
 
-def _decode(name: str, data: bytes) -> torch.Tensor:
-    try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=MODES[name])
-    except RuntimeError as error:
-        raise BadSample(f"{name} does not decode: {str(error).splitlines()[0]}") from None
+def _fit(name: str, image: np.ndarray, out: np.ndarray) -> None:
+    """Resize an HWC image into `out` (bilinear with antialiasing; the mask by nearest
+    neighbour, so a thresholded mask stays 0/1)."""
+    size = out.shape[:2]
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None]
+    if name == schema.MASK:
+        resized = nn_functional.interpolate(chw, size=size, mode="nearest-exact")
+    else:
+        resized = nn_functional.interpolate(chw, size=size, mode="bilinear", antialias=True, align_corners=False)
+    np.copyto(out, resized[0].permute(1, 2, 0).numpy())  # numpy: no intra-op thread pool for a small copy
 
 
-@functools.lru_cache(maxsize=128)
-def _decode_background(data: bytes) -> torch.Tensor:
-    """Backgrounds repeat: the seed dataset composes 2,000 samples on each of its 100, so a
-    worker keeps the last 128 it decoded (about 19 MB at 224 px), keyed by their bytes."""
-    return _decode(schema.BG, data)
-
-
-def fit(images: dict[str, torch.Tensor], size: int, out: dict[str, torch.Tensor]) -> None:
-    """Bring each decoded member to `size` x `size` (bilinear with antialiasing; the mask by
-    nearest neighbour, so it stays 0/1) and write it into `out` (the sample's batch slots)."""
-    for name, image in images.items():
-        if image.shape[-2:] != (size, size):
-            if name == schema.MASK:
-                image = nn_functional.interpolate(image[None], size=(size, size), mode="nearest-exact")[0]
-            else:
-                image = nn_functional.interpolate(image[None], size=(size, size), mode="bilinear",
-                                                  antialias=True, align_corners=False)[0]
-        out[name].copy_(image)
+def decode(members: dict[str, bytes], size: int, decoder: Decoder | None = None) -> dict[str, torch.Tensor]:
+    """One sample as CHW uint8 tensors of size x size (see Decoder.decode_into), in memory of
+    its own: for code that handles samples one by one (predict-style use, bench/loader.py's
+    stock-webdataset baseline)."""
+    decoder = decoder or Decoder(size)
+    out = {name: np.empty((size, size, CHANNELS[name]), np.uint8) for name in schema.IMAGE_MEMBERS}
+    decoder.decode_into(members, out)
+    return {name: torch.from_numpy(image).permute(2, 0, 1) for name, image in out.items()}

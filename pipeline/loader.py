@@ -1,39 +1,44 @@
-"""make_loader: shard URLs to an iterable of decoded batches (with their augmentation draws) for one rank."""
+"""Shard URLs to batches for one rank: `Pipeline` (a run's passes over one split, from worker
+processes that live as long as it does) and `make_loader` (one pass, the simple entry point).
+
+    train = Pipeline("shards/batch-{1..20}.tar", batch_size=64, workers=4, train=True)
+    val = Pipeline("shards/val-*.tar", batch_size=64, workers=4, train=False)
+    for epoch in range(epochs):
+        for batch in train.epoch(epoch):   # no new processes; epoch e+1 is made while e ends
+            ...
+        for batch in val.epoch(0):         # the validation pool's processes, reused each time
+            ...
+    train.close(); val.close()             # or `with Pipeline(...) as train:`
+"""
 
 import ctypes
+import functools
 import logging
 import os
 import signal
 import sys
+import time
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.augment import Batch
-from pipeline.batches import ERROR, INDEX, SKIPPED, StreamConfig, slot_batches
+from pipeline.batches import StreamConfig, slot_records
+from pipeline.batchmemory import Layout, SharedBatches
+from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.plan import batches_to_skip, plan_epoch
 from pipeline.shardreader import prepare_shards
 from pipeline.sources import expand_urls
+from pipeline.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-
-class _RankStream(IterableDataset):
-    """This rank's slots; each DataLoader worker streams its own."""
-
-    def __init__(self, slots, config: StreamConfig, start_batch: int):
-        super().__init__()
-        self.slots, self.config, self.start_batch = slots, config, start_batch
-
-    def __iter__(self):
-        info = get_worker_info()
-        return self._batches(0 if info is None else info.id)  # workers=0 plans a single slot
-
-    def _batches(self, worker: int):
-        skip = batches_to_skip(self.start_batch, worker, self.config.workers)
-        return slot_batches(self.slots[worker], worker, self.config, skip)
+# Slots of shared batch memory per worker: the batches it may have made ahead (2), the one it
+# is making, and those the main process still holds (being reordered, or the step's batch and
+# the one before it, until the loop drops them).
+_SLOTS_PER_WORKER = 6
+STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
 
 
 def _init_worker(_worker_id: int) -> None:
@@ -48,48 +53,6 @@ def _init_worker(_worker_id: int) -> None:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class Loader:
-    """Iterable of this rank's batches for one epoch (see make_loader).
-
-    Attributes: ``num_samples`` (samples this rank is planned to see this epoch),
-    ``batches_per_epoch``, ``skipped`` (one dict per bad sample met so far: key, shard,
-    reason) and ``stats`` (batches, samples, skipped: counts so far).
-    """
-
-    def __init__(self, dataloader: DataLoader, *, batches: int, samples: int, start_batch: int):
-        self._dataloader = dataloader
-        self.batches_per_epoch, self.num_samples, self.start_batch = batches, samples, start_batch
-        self.skipped: list[dict] = []
-        self.stats = {"batches": 0, "samples": 0, "skipped": 0}
-
-    def __len__(self) -> int:
-        """Batches one pass yields: the epoch's batches minus `start_batch`."""
-        return self.batches_per_epoch - self.start_batch
-
-    def __iter__(self):
-        # Workers deliver round robin; reorder by planned index so the sequence never
-        # depends on which worker runs ahead (and start_batch can begin at any worker).
-        pending, expected = {}, self.start_batch
-        for batch in self._dataloader:
-            if ERROR in batch:
-                raise PipelineError(batch[ERROR])
-            self._report(batch.pop(SKIPPED))
-            pending[batch.pop(INDEX)] = batch
-            while expected in pending:
-                ready = pending.pop(expected)
-                expected += 1
-                self.stats["batches"] += 1
-                self.stats["samples"] += len(ready["key"])
-                yield Batch(ready)
-        assert not pending and expected == self.batches_per_epoch, (sorted(pending), expected)
-
-    def _report(self, records: list[dict]) -> None:
-        for record in records:
-            log.warning("skipped sample %r of %s: %s", record["key"], record["shard"], record["reason"])
-        self.skipped.extend(records)
-        self.stats["skipped"] += len(records)
-
-
 def _rank_and_world(rank, world_size) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
@@ -99,12 +62,209 @@ def _rank_and_world(rank, world_size) -> tuple[int, int]:
     return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
+class _EpochStreams:
+    """What a worker runs for a pass (picklable, so spawned workers get it too): a chained train
+    pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
+    epoch e; any other pass makes its one epoch and stops (nothing read for nothing)."""
+
+    def __init__(self, sizes: list[int], world_size: int, config: StreamConfig):
+        self.sizes, self.world_size, self.config = sizes, world_size, config
+        self._decoder = None  # one per process: made where it runs
+
+    def plan(self, epoch: int):
+        return plan_epoch(self.sizes, world_size=self.world_size, workers=self.config.workers,
+                          batch_size=self.config.batch_size, train=self.config.train,
+                          seed=self.config.seed, epoch=epoch)
+
+    def __call__(self, memory: SharedBatches, worker: int, epoch: int, start_batch: int, generation: int,
+                 chain: bool):
+        if self._decoder is None:
+            self._decoder = Decoder(self.config.image_size)
+        skip = batches_to_skip(start_batch, worker, self.config.workers)
+        while True:
+            slot = self.plan(epoch).slots[self.config.rank][worker]
+            yield from slot_records(slot, worker, self.config, epoch, decoder=self._decoder,
+                                    memory=memory, generation=generation, skip=skip)
+            if not (self.config.train and chain):
+                return
+            epoch, skip = epoch + 1, 0
+
+
+class Pipeline:
+    """This rank's batches of one split (`train` or eval), pass after pass, from `workers`
+    processes that live until close() (workers=0: made in this process).
+
+    ``epoch(e, start_batch=0)`` returns one pass (a Loader). Train passes asked for in
+    sequence (epoch e to its end, then e+1; or a pass left at batch n, then resumed at n)
+    continue the workers' stream without a pause: they are already making epoch e+1 while the
+    last batches of e are consumed. Any other pass restarts the stream. An eval pass is the
+    same samples each time (validation). See make_loader for the batches and the arguments.
+    """
+
+    def __init__(self, urls, *, batch_size: int, workers: int, image_size: int = 224, train: bool = True,
+                 seed: int = 0, storage_options: dict | None = None, rank: int | None = None,
+                 world_size: int | None = None, pin_memory: bool | None = None, shuffle_buffer: int = 512,
+                 shard_sizes=None, retries: int = 5, retry_wait: float = 1.0,
+                 cache_dir: str | os.PathLike | None = None):
+        self._pool = None  # first: close() (from __del__) must work when the checks below raise
+        for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
+                                   ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
+                                   ("retries", retries, 0)):
+            if value < least:
+                raise PipelineError(f"{name} must be >= {least}, got {value}")
+        rank, world_size = _rank_and_world(rank, world_size)
+        if not 0 <= rank < world_size:
+            raise PipelineError(f"rank {rank} is outside world size {world_size}")
+        storage_options = dict(storage_options or {})
+        url_list = expand_urls(urls, storage_options)
+        cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        shards = prepare_shards(url_list, storage_options, shard_sizes, retries=retries, retry_wait=retry_wait,
+                                cache_dir=cache_dir)
+        sizes = [shard.samples for shard in shards]
+        config = StreamConfig(tuple(url_list), batch_size, image_size, train, seed, rank, max(workers, 1),
+                              shuffle_buffer, storage_options, retries, retry_wait, tuple(shards), cache_dir)
+        self.streams = _EpochStreams(sizes, world_size, config)
+        plan = self.streams.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
+        if plan.batches_per_rank == 0:
+            raise PipelineError(f"{sum(sizes)} samples in {urls!r} cannot fill one batch of "
+                                f"{batch_size} on each of {world_size} ranks")
+        self.batches_per_epoch, self.samples_per_epoch = plan.batches_per_rank, plan.samples_per_rank[rank]
+        self.train, self.workers = train, workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._layout = Layout(batch_size, image_size, train)
+        self._pending = {}  # (epoch, index) -> record that arrived before its turn
+        self._generation, self._next = 0, None  # the running pass, and the batch it gives next
+        self._chain = False  # does the running pass go on into the next epoch
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0, *, chain: bool = True) -> "Loader":
+        """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
+        on into epoch + 1 while this one ends; pass False for a run's last epoch, so that no
+        batch of an epoch nobody asks for is read and made."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise PipelineError(f"start_batch {start_batch} is outside the epoch's {self.batches_per_epoch} batches")
+        return Loader(self, epoch, start_batch, chain=chain)
+
+    def close(self) -> None:
+        """End the worker processes; a later pass starts new ones."""
+        if self._pool is not None:
+            for record in self._pending.values():
+                self._pool.discard(record)
+            self._pool.close()
+        self._pool, self._pending, self._next = None, {}, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    # --- the Loader's side ---------------------------------------------------------------
+    def _begin(self, epoch: int, start_batch: int, chain: bool) -> None:
+        if self._pool is None:
+            memory = SharedBatches(self._layout, max(self.workers, 1), _SLOTS_PER_WORKER, shared=self.workers > 0)
+            self._pool = WorkerPool(functools.partial(self.streams, memory), memory, workers=self.workers,
+                                    pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
+        # The workers' stream goes on where the last pass left it only if it is making what is
+        # asked for now: the rest of the same epoch, or (chained) the next one, chained alike.
+        going_on = self._next == (epoch, start_batch) and (start_batch or self._chain) and chain == self._chain
+        if not (self.train and going_on):
+            for record in self._pending.values():
+                self._pool.discard(record)
+            self._pending = {}
+            self._generation = self._pool.start(epoch, start_batch, chain)
+            self._chain = chain
+
+    def _records(self, epoch: int, start_batch: int, stats: dict):
+        """The pass's records in batch order (the workers deliver them in any order)."""
+        records = self._pool.records()
+        for index in range(start_batch, self.batches_per_epoch):
+            record = self._pending.pop((epoch, index), None)
+            while record is None:
+                if (epoch, "error") in self._pending:
+                    raise PipelineError(self._pending.pop((epoch, "error")).error)
+                waiting = time.perf_counter()
+                got = next(records, None)
+                stats["wait_s"] += time.perf_counter() - waiting
+                if got is None:
+                    raise PipelineError(f"the loader's workers stopped before batch {index} of epoch {epoch}")
+                if got.generation != self._generation or got.epoch < epoch:
+                    self._pool.discard(got)
+                elif got.error is not None:
+                    self._pending[(got.epoch, "error")] = got
+                elif (got.epoch, got.index) == (epoch, index):
+                    record = got
+                else:
+                    self._pending[(got.epoch, got.index)] = got
+            last = index + 1 == self.batches_per_epoch
+            self._next = (epoch + 1, 0) if last else (epoch, index + 1)
+            yield record
+
+    def _batch(self, record) -> Batch:
+        fields = record.pinned
+        if fields is None:
+            fields = self._pool.memory.tensors(record.slot, record.fresh, record.count)
+        record.slot = record.fresh = record.pinned = None  # the batch's tensors own the memory now
+        return Batch(fields, key=record.keys)
+
+
+class Loader:
+    """One pass of a Pipeline: an iterable of this rank's batches (see make_loader).
+
+    Attributes: ``num_samples`` (samples this rank is planned to see this epoch),
+    ``batches_per_epoch``, ``start_batch``, ``skipped`` (one dict per bad sample met in the
+    pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped) and seconds
+    spent on each stage: ``read_s``, ``decode_s``, ``fit_s`` in the workers (summed over
+    workers, for the batches delivered so far; fit covers resizing, thresholding and the
+    augmentation draws) and ``wait_s``, the time this process waited for the next batch.
+    """
+
+    def __init__(self, pipeline: Pipeline, epoch: int, start_batch: int, *, chain: bool = False,
+                 close_after: bool = False):
+        self.pipeline, self.epoch, self.start_batch = pipeline, epoch, start_batch
+        self._chain, self._close_after = chain, close_after
+        self.batches_per_epoch, self.num_samples = pipeline.batches_per_epoch, pipeline.samples_per_epoch
+        self.skipped: list[dict] = []
+        self.stats = self._zero_stats()
+
+    @staticmethod
+    def _zero_stats() -> dict:
+        return {"batches": 0, "samples": 0, "skipped": 0, **{stage: 0.0 for stage in STAGES}}
+
+    def __len__(self) -> int:
+        """Batches one pass yields: the epoch's batches minus `start_batch`."""
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        self.skipped, self.stats = [], self._zero_stats()
+        pipeline = self.pipeline
+        pipeline._begin(self.epoch, self.start_batch, self._chain)
+        try:
+            for record in pipeline._records(self.epoch, self.start_batch, self.stats):
+                for entry in record.skipped:
+                    log.warning("skipped sample %r of %s: %s", entry["key"], entry["shard"], entry["reason"])
+                self.skipped.extend(record.skipped)
+                self.stats["batches"] += 1
+                self.stats["samples"] += record.count
+                self.stats["skipped"] += len(record.skipped)
+                for stage, seconds in record.seconds.items():
+                    self.stats[f"{stage}_s"] += seconds
+                yield pipeline._batch(record)
+        finally:
+            if self._close_after:
+                pipeline.close()
+
+
 def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, train: bool = True,
                 seed: int = 0, epoch: int = 0, storage_options: dict | None = None,
                 rank: int | None = None, world_size: int | None = None, start_batch: int = 0,
                 pin_memory: bool | None = None, shuffle_buffer: int = 512, shard_sizes=None,
                 retries: int = 5, retry_wait: float = 1.0, cache_dir: str | os.PathLike | None = None) -> Loader:
-    """A Loader over this rank's share of one epoch of shards.
+    """One pass (a Loader) over this rank's share of one epoch of shards; its workers end
+    with the pass. For a run of many epochs and validations, use Pipeline: its workers live
+    across passes.
 
     Each batch is a pipeline.Batch (a dict): ``bg``, ``bgfg`` uint8 [B,3,H,W] (channels-last
     in memory); ``mask`` uint8 [B,1,H,W] (0/1); ``depth`` uint8 [B,1,H,W] (0..255, larger =
@@ -112,52 +272,30 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     [B,8], each sample's augmentation draw (pipeline.augment.AUG_FIELDS: flip, crop box,
     jitter factors), NOT yet applied: ``batch.to(device)`` makes the floats on the training
     device and applies the draw there to all four images at once. Train on that, not on the
-    raw uint8 fields.
+    raw uint8 fields. A batch's tensors are views of shared memory that is reused once the
+    batch is dropped: keep what you need with ``.clone()`` (or ``.to(device)``).
 
     urls: brace pattern, glob, fsspec URL or a list of them. rank/world_size: explicit
     values win, else torch.distributed's when initialised, else 0 and 1. Every rank gets
     len(loader) batches; train drops each rank's last partial batch and shuffles (shards by
     seed and epoch, samples in a buffer of `shuffle_buffer`), eval yields every sample once.
-    The same arguments give the same batches; start_batch=n gives them minus the first n
-    (skipped without decoding). Sample counts come from `shard_sizes` (list, or name ->
-    count), else the manifest beside the shards, else their index, else (local files) a tar
-    header scan. Each worker fetches only the bytes of its samples where a shard has an index
-    (see pipeline.shardreader). Transient read errors are retried `retries` times, waiting
-    retry_wait * 2**attempt. cache_dir: keep remote shards there, checked against the
-    manifest's size and sha256, for later epochs and runs (pipeline.cache); the processes of
-    one machine may share it.
+    Bad samples are replaced by spares; when those run out (or a shard ends early) batches
+    shrink, even to empty, but never repeat a sample or become fewer. The same arguments give
+    the same batches; start_batch=n gives them minus the first n (skipped without decoding).
+    Sample counts come from `shard_sizes` (list, or name -> count), else the manifest beside
+    the shards, else their index, else (local files) a tar header scan. Each worker fetches
+    only the bytes of its samples where a shard has an index (see pipeline.shardreader).
+    Transient read errors are retried `retries` times, waiting retry_wait * 2**attempt.
+    cache_dir: keep remote shards there, checked against the manifest's size and sha256, for
+    later epochs and runs (pipeline.cache); the processes of one machine may share it.
     Raises PipelineError (naming the pattern, URL or option) before the first batch when the
     shards cannot be found, the first one cannot be opened or cache_dir cannot be written.
     Damaged tar data never raises: each sample it costs is skipped and reported.
     """
-    for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
-                               ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
-                               ("start_batch", start_batch, 0), ("retries", retries, 0)):
-        if value < least:
-            raise PipelineError(f"{name} must be >= {least}, got {value}")
-    rank, world_size = _rank_and_world(rank, world_size)
-    if not 0 <= rank < world_size:
-        raise PipelineError(f"rank {rank} is outside world size {world_size}")
-    storage_options = dict(storage_options or {})
-    url_list = expand_urls(urls, storage_options)
-    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-    shards = prepare_shards(url_list, storage_options, shard_sizes, retries=retries, retry_wait=retry_wait,
-                            cache_dir=cache_dir)
-    sizes = [shard.samples for shard in shards]
-    slot_count = max(workers, 1)
-    plan = plan_epoch(sizes, world_size=world_size, workers=slot_count, batch_size=batch_size,
-                      train=train, seed=seed, epoch=epoch)
-    if plan.batches_per_rank == 0:
-        raise PipelineError(f"{sum(sizes)} samples in {urls!r} cannot fill one batch of "
-                            f"{batch_size} on each of {world_size} ranks")
-    if start_batch > plan.batches_per_rank:
-        raise PipelineError(f"start_batch {start_batch} is past the epoch's {plan.batches_per_rank} batches")
-    config = StreamConfig(tuple(url_list), batch_size, image_size, train, seed, epoch, rank,
-                          slot_count, shuffle_buffer, storage_options, retries, retry_wait,
-                          tuple(shards), cache_dir)
-    dataset = _RankStream(plan.slots[rank], config, start_batch)
-    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                            worker_init_fn=_init_worker if workers else None)
-    return Loader(dataloader, batches=plan.batches_per_rank,
-                  samples=plan.samples_per_rank[rank], start_batch=start_batch)
+    pipeline = Pipeline(urls, batch_size=batch_size, workers=workers, image_size=image_size, train=train,
+                        seed=seed, storage_options=storage_options, rank=rank, world_size=world_size,
+                        pin_memory=pin_memory, shuffle_buffer=shuffle_buffer, shard_sizes=shard_sizes,
+                        retries=retries, retry_wait=retry_wait, cache_dir=cache_dir)
+    if not 0 <= start_batch <= pipeline.batches_per_epoch:
+        raise PipelineError(f"start_batch {start_batch} is past the epoch's {pipeline.batches_per_epoch} batches")
+    return Loader(pipeline, epoch, start_batch, close_after=True)

@@ -188,7 +188,9 @@ def test_missing_member_and_non_jpeg_are_skipped_counted_and_named(shard_dir, tm
     assert len(loader) == -(-len(keys) // 4)
     reasons = {r["key"]: r["reason"] for r in loader.skipped}
     assert reasons == {keys[0]: f"missing member {schema.MASK}", keys[1]: f"{schema.DEPTH} is not a JPEG"}
-    assert loader.stats == {"batches": len(loader), "samples": len(keys) - 2, "skipped": 2}
+    counts = {name: loader.stats[name] for name in ("batches", "samples", "skipped")}
+    assert counts == {"batches": len(loader), "samples": len(keys) - 2, "skipped": 2}
+    assert all(loader.stats[stage] > 0 for stage in ("read_s", "decode_s", "fit_s", "wait_s"))
 
 
 def test_bad_patterns_and_unreadable_first_shard_fail_before_the_first_batch(shard_dir, tmp_path):
@@ -218,14 +220,20 @@ def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
     assert "\n" not in message and message.startswith(f"cannot read {tmp_path}/batch-2.tar")
 
 
-def test_a_shard_shorter_than_planned_still_gives_every_planned_batch(shard_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_shorter_than_planned_gives_every_planned_batch_and_no_sample_twice(shard_dir, workers):
     url = str(shard_dir / _names(shard_dir, schema.TRAIN_PREFIX)[0])
     actual = _manifest(shard_dir)["shards"][0]["samples"]
-    loader = make_loader(url, batch_size=2, workers=0, image_size=SIZE, train=True,
+    loader = make_loader(url, batch_size=2, workers=workers, image_size=SIZE, train=True,
                          shard_sizes=[actual + 6])  # a manifest that counts 6 samples too many
     batches = list(loader)
     assert len(batches) == len(loader) == (actual + 6) // 2  # no rank may take fewer steps
-    assert all(len(batch["key"]) > 0 for batch in batches)
+    delivered = _keys(batches)
+    assert len(delivered) == len(set(delivered)) == actual  # every sample once, none repeated
+    sizes = [len(batch["key"]) for batch in batches]
+    assert 0 in sizes and max(sizes) == 2  # the stream ran dry: the last batches shrank, to empty
+    empty = next(batch for batch in batches if not batch["key"])
+    assert empty["bgfg"].shape == (0, 3, SIZE, SIZE) and empty["aug"].shape == (0, len(AUG_FIELDS))
     assert any("samples" in record["reason"] and "expected" in record["reason"] for record in loader.skipped)
 
 

@@ -11,14 +11,38 @@ except ImportError:  # tensorboard is optional
 
 
 class Window:
-    """Totals since the last log line: loss (a device tensor), steps, samples, data wait."""
+    """Totals since the last log line: loss summed over samples (a device tensor), steps,
+    samples, data wait, and the loader's worker seconds per stage (`loader`: read, decode, fit)."""
+
+    STAGES = ("read", "decode", "fit")
 
     def __init__(self):
         self.start = time.perf_counter()
         self.loss, self.steps, self.samples, self.data_wait = 0.0, 0, 0, 0.0
+        self.loader = dict.fromkeys(self.STAGES, 0.0)
+        self._followed, self._seen = None, {}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+    def follow(self, loader) -> None:
+        """Count `loader`'s stage seconds from now on (a window can span two epochs' loaders)."""
+        self._followed, self._seen = loader, {stage: loader.stats[f"{stage}_s"] for stage in self.STAGES}
+
+    def next(self) -> "Window":
+        """The window after this one: it counts the loader's stages from where this one stopped."""
+        following = Window()
+        following._followed, following._seen = self._followed, dict(self._seen)
+        return following
+
+    def take_loader_stats(self, loader) -> None:
+        """Add what `loader`'s stages took since last seen."""
+        if loader is not self._followed:
+            self.follow(loader)
+        for stage in self.STAGES:
+            now = loader.stats[f"{stage}_s"]
+            self.loader[stage] += now - self._seen[stage]
+            self._seen[stage] = now
 
 
 class RunLogger:

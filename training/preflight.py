@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
-from pipeline import PipelineError, make_loader, schema
+from pipeline import Pipeline, PipelineError, schema
 from pipeline.streams import open_range
 
 from . import UserError
@@ -36,15 +36,15 @@ def probe_shard(url: str, storage_options: dict | None = None, *, retries: int =
         raise UserError(f"{url} is not a tar shard: {error}{hint}") from None
 
 
-def check_validation_shards(urls: list[str], loader_args: dict) -> None:
-    """Open every validation shard and plan a pass over them, as the first validation will."""
+def open_validation_shards(urls: list[str], loader_args: dict) -> Pipeline | None:
+    """Open every validation shard and make the validation Pipeline (sample counts read,
+    batches per rank planned) the run will use, so a bad one fails now; None without shards."""
     for url in urls:
         try:
             probe_shard(url, loader_args["storage_options"], retries=loader_args["retries"])
         except (UserError, PipelineError) as error:
             raise UserError(f"validation shard: {error}") from None
-    if urls:
-        make_loader(urls, train=False, epoch=0, **loader_args)  # sample counts, batches per rank
+    return Pipeline(urls, train=False, **loader_args) if urls else None
 
 
 def _state_bytes(config: UNetConfig, training: bool) -> int:
@@ -126,9 +126,11 @@ def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: t
                         f"{device} has {_gib(free)} free")
 
 
-def check_training(args, ctx: Context, val_urls: list[str], loader_args: dict, amp_dtype) -> None:
-    """train.py's checks before its first step, on every rank (a failure on one stops all)."""
+def check_training(args, ctx: Context, val_urls: list[str], loader_args: dict, amp_dtype) -> Pipeline | None:
+    """train.py's checks before its first step, on every rank (a failure on one stops all);
+    returns the validation Pipeline they made (None without validation shards)."""
     with fail_together(ctx):
-        check_validation_shards(val_urls, loader_args)
+        val_data = open_validation_shards(val_urls, loader_args)
         check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
                      amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
+    return val_data

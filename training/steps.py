@@ -1,9 +1,9 @@
 """Batches to device tensors, one optimizer step, one validation pass (train.py and bench/)."""
 
 import torch
+import torch.distributed as dist
 
 from model import LossWeights, SegDepthMetrics, to_input, total_loss
-from pipeline import make_loader
 
 from .distributed import all_sum
 
@@ -25,27 +25,55 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def samples_over_ranks(count: int, device: torch.device) -> tuple[torch.Tensor | int, int]:
+    """(this step's samples summed over all ranks, world size). With a process group the sum
+    is a device tensor, all-reduced without the host waiting for it; without one, `count`."""
+    if not dist.is_initialized():
+        return count, 1
+    total = torch.full((), float(count), device=device)
+    dist.all_reduce(total)
+    return total, dist.get_world_size()
+
+
 def train_step(forward, optimizer, scaler, x, mask, depth, *, weights: LossWeights = LossWeights(),
                amp_dtype=None):
-    """Forward, loss, backward and optimizer step; returns (loss detached, terms dict).
+    """Forward, loss, backward and optimizer step; returns (this batch's mean loss, detached;
+    the loss terms, or None for an empty batch).
 
-    `scaler` is a torch.amp.GradScaler (enabled only for fp16). The LR schedule is the
-    caller's, so the step can be timed alone.
+    A train batch can be smaller than planned, even empty (bad samples once the spares ran
+    out), and under DDP every rank must still run forward and backward together, or the
+    gradient all-reduce would hang. So every rank takes the step, an empty batch included,
+    and each rank's loss is weighted by its share of the step's samples, world * n / N with
+    N all-reduced: DDP's gradient average is then exactly the mean over all the step's
+    samples, an empty batch adds a zero gradient, and full batches (the usual case) get weight
+    1. That costs one scalar all-reduce per step, queued on the device (no host sync); only a
+    rank whose batch is empty reads N back, to skip the optimizer step when every rank was
+    empty (AdamW would still move the weights on zero gradients). `scaler` is a
+    torch.amp.GradScaler (enabled only for fp16). The LR schedule is the caller's.
     """
+    count = x.shape[0]
     with autocast(x.device, amp_dtype):
         logits, depth_pred = forward(x)
-    loss, terms = total_loss(logits, depth_pred, mask, depth, weights)
+    total, world = samples_over_ranks(count, x.device)
+    if count:
+        loss, terms = total_loss(logits, depth_pred, mask, depth, weights)
+        objective = loss if world == 1 else loss * (world * count / total)
+    else:
+        loss, terms = torch.zeros((), device=x.device), None
+        objective = (logits.float().sum() + depth_pred.float().sum()) * 0.0  # a zero gradient for every parameter
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    scaler.scale(objective).backward()
+    if count or float(total) > 0:
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach(), terms
 
 
 @torch.no_grad()
-def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels_last=False,
+def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
              weights: LossWeights = LossWeights(), previews: int = 0):
-    """Score `model` on every sample of `urls` (split across ranks, sums all-reduced).
+    """Score `model` on `batches` (this rank's share of a validation pass, e.g.
+    Pipeline.epoch(0) of the val shards; sums all-reduced across ranks).
 
     Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, samples; preview
     tensors (bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
@@ -54,7 +82,7 @@ def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels
     model.eval()
     metrics = SegDepthMetrics(device)
     loss_sum, count, preview = 0.0, 0, None
-    for batch in make_loader(urls, train=False, epoch=0, **loader_args):
+    for batch in batches:
         if len(batch["key"]) == 0:  # a rank with fewer samples than batches gets empty ones
             continue
         x, mask, depth = prepare_batch(batch, device, channels_last)
@@ -65,7 +93,7 @@ def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels
         loss_sum, count = loss_sum + loss.item() * size, count + size
         metrics.update(logits, depth_pred, mask, depth)
         if previews and preview is None:
-            preview = (batch["bgfg"][:previews], mask[:previews], logits[:previews].float(),
+            preview = (batch["bgfg"][:previews].clone(), mask[:previews], logits[:previews].float(),
                        depth[:previews], depth_pred[:previews].float())
     model.train(was_training)
     metrics.all_reduce()

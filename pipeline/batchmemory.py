@@ -1,0 +1,156 @@
+"""Batch memory shared by the main process and the loader's workers: a few slots per worker,
+reused for the whole run.
+
+A fresh shared-memory batch per step cost the workers about as much as decoding its JPEGs
+(page faults on new memory, an mmap and a file descriptor passed per tensor; 0.3 ms per
+sample at 224 px, measured with bench/loader.py's setup). So the memory is made once, before
+the workers start, and a batch travels to the main process as a slot number.
+
+A slot is busy from the moment its worker claims it until the main process lets go of the
+batch: when the batch's last tensor is garbage collected (every tensor of the batch is a view
+that keeps the slot), when it has been copied to pinned memory, or when the batch is
+discarded unused. Only the owning worker claims, only the main process frees. A worker whose
+slots are all busy (a consumer that keeps many batches, such as ``list(loader)``) gets fresh
+shared memory for that batch instead: slower, never a wait.
+"""
+
+import itertools
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import schema
+from pipeline.augment import AUG_FIELDS
+
+# Batch fields (the API) of the four shard images, their channels, and the draws' field.
+FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
+CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
+AUG = "aug"
+_ALIGN = 64  # every field starts on a cache line (and the float32 draws on a 4-byte boundary)
+_tokens = itertools.count()
+_IN_THIS_PROCESS: "weakref.WeakValueDictionary[int, SharedBatches]" = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each field of one batch lives in its slot: images NHWC (as decoded), draws last."""
+
+    batch_size: int
+    image_size: int
+    train: bool
+
+    def fields(self) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
+        """name -> (byte offset, shape, dtype) for the images (by member name) and the draws."""
+        shapes = {name: ((self.batch_size, self.image_size, self.image_size, channels), np.dtype(np.uint8))
+                  for name, channels in CHANNELS.items()}
+        if self.train:
+            shapes[AUG] = ((self.batch_size, len(AUG_FIELDS)), np.dtype(np.float32))
+        fields, offset = {}, 0
+        for name, (shape, dtype) in shapes.items():
+            fields[name] = (offset, shape, dtype)
+            offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+        return fields
+
+    @property
+    def nbytes(self) -> int:
+        offset, shape, dtype = list(self.fields().values())[-1]
+        return offset + int(np.prod(shape)) * dtype.itemsize
+
+    def arrays(self, memory: np.ndarray) -> dict[str, np.ndarray]:
+        """Writable numpy views of one batch's fields in `memory` (its slot's bytes)."""
+        return {name: memory[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                for name, (offset, shape, dtype) in self.fields().items()}
+
+    def tensors(self, memory: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+        """The batch fields of the first `count` samples, as views of `memory` (a 1-d uint8
+        tensor over the slot): images [count,C,H,W] (channels-last in memory), draws [count,8]."""
+        batch = {}
+        for name, (offset, shape, dtype) in self.fields().items():
+            size = int(np.prod(shape)) * dtype.itemsize
+            field = memory[offset:offset + size]
+            if name == AUG:
+                batch[AUG] = field.view(torch.float32).view(shape)[:count]
+            else:
+                batch[FIELDS[name]] = field.view(shape)[:count].permute(0, 3, 1, 2)
+        return batch
+
+
+@dataclass
+class Buffer:
+    """Where a worker writes one batch: a slot, or fresh memory when every slot was busy."""
+
+    arrays: dict[str, np.ndarray]
+    slot: int | None
+    fresh: torch.Tensor | None
+
+
+def _new_bytes(size: int, shared: bool) -> torch.Tensor:
+    """`size` uninitialised bytes, in shared memory when `shared`. Made there directly, as
+    DataLoader's own collate does: share_memory_() would copy an empty tensor into it, touching
+    every page, with a parallel copy that hangs a process forked from this one later (an
+    OpenMP pool does not survive fork)."""
+    if not shared:
+        return torch.empty(size, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
+
+
+class SharedBatches:
+    """`slots` reusable batch slots for each of `owners` producers (the workers)."""
+
+    def __init__(self, layout: Layout, owners: int, slots: int, shared: bool):
+        self.layout, self.slots, self.shared = layout, slots, shared
+        # Made before the workers start, so they inherit (or are sent) the same pages.
+        self.memory = _new_bytes(owners * slots * layout.nbytes, shared)
+        self.busy = _new_bytes(owners * slots, shared).zero_()
+        self.token = next(_tokens)
+        _IN_THIS_PROCESS[self.token] = self
+
+    def __getstate__(self):  # spawned workers get the tensors, not this process's numpy views
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _IN_THIS_PROCESS[self.token] = self
+
+    def _numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(memory, busy flags) as numpy arrays of this process, made on first use."""
+        if "_arrays" not in self.__dict__:
+            self._arrays = (self.memory.numpy(), self.busy.numpy())
+        return self._arrays
+
+    def _slot_bytes(self, slot: int) -> np.ndarray:
+        start = slot * self.layout.nbytes
+        return self._numpy()[0][start:start + self.layout.nbytes]
+
+    # --- worker side ----------------------------------------------------------------
+    def claim(self, owner: int) -> Buffer:
+        """A free slot of `owner`'s, marked busy; fresh memory when all of them are busy."""
+        busy = self._numpy()[1]
+        for slot in range(owner * self.slots, (owner + 1) * self.slots):
+            if not busy[slot]:
+                busy[slot] = 1
+                return Buffer(self.layout.arrays(self._slot_bytes(slot)), slot, None)
+        fresh = _new_bytes(self.layout.nbytes, self.shared)
+        return Buffer(self.layout.arrays(fresh.numpy()), None, fresh)
+
+    # --- main-process side -----------------------------------------------------------
+    def tensors(self, slot: int | None, fresh: torch.Tensor | None, count: int) -> dict[str, torch.Tensor]:
+        """A delivered batch's fields as views; a slot is freed once the last view is gone."""
+        if slot is None:
+            return self.layout.tensors(fresh, count)
+        window = self._slot_bytes(slot)  # a new array object, owned by the tensors below only
+        weakref.finalize(window, self.free, slot)
+        return self.layout.tensors(torch.from_numpy(window), count)
+
+    def free(self, slot: int | None) -> None:
+        """Mark a slot free: the main process's job, or the owning worker's for a slot it
+        claimed and never sent."""
+        if slot is not None:
+            self._numpy()[1][slot] = 0
+
+
+def in_this_process(token: int) -> SharedBatches:
+    """The SharedBatches with this token (the main process's, for a record met in its pin thread)."""
+    return _IN_THIS_PROCESS[token]
