@@ -162,7 +162,7 @@ def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
     window = run.window
     window.take_loader_stats(loader)
     loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
-        [float(window.loss), window.samples, len(loader.skipped)], run.ctx.device)
+        [float(window.loss), window.samples, len(loader.skipped)])
     seconds = window.seconds()
     local_samples = max(window.samples, 1)
     record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
@@ -179,7 +179,7 @@ def stop_now(run: Run, started: float) -> bool:
     """Once per step, the same answer on every rank: is the time budget spent, or has any rank
     been sent SIGTERM/SIGINT (then run.signum says which)?"""
     out_of_time = bool(run.args.minutes) and time.monotonic() - started > run.args.minutes * 60
-    out_of_time, signum = distributed.all_max([out_of_time, run.stop_request.signum], run.ctx.device)
+    out_of_time, signum = distributed.all_max([out_of_time, run.stop_request.signum])
     run.signum = int(signum)
     return bool(out_of_time or signum)
 
@@ -227,7 +227,7 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
         signals.stop_workers()
     run.window.take_loader_stats(loader)
     if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
-        run.skipped_before += distributed.all_sum([len(loader.skipped)], ctx.device)[0]
+        run.skipped_before += distributed.all_sum([len(loader.skipped)])[0]
         run.skipped_this_epoch = 0
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     return stop

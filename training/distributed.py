@@ -1,4 +1,10 @@
-"""Process-group setup for torchrun (NCCL on CUDA, gloo on the CPU) and small collectives."""
+"""Process-group setup for torchrun (NCCL on CUDA, gloo on the CPU) and small collectives.
+
+The few numbers the ranks agree on as they go (a stop flag every step, log sums, skip counts)
+are host numbers and travel over gloo, also on GPUs: an NCCL all-reduce of them would make
+the host wait for the GPU to finish the step's queued work before it could read the answer,
+once per step.
+"""
 
 import contextlib
 import os
@@ -8,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from . import UserError
+
+_host_group = None  # the gloo group of all ranks for host numbers (None: the default group is gloo)
 
 
 @dataclass(frozen=True)
@@ -31,31 +39,36 @@ def setup(device_choice: str) -> Context:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        global _host_group
+        _host_group = dist.new_group(backend="gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Context(dist.get_rank(), dist.get_world_size(), device)
 
 
 def teardown() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
-def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
+def _all_reduce(values: list[float], op) -> list[float]:
     if not dist.is_initialized():
         return [float(value) for value in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=op, group=_host_group)
     return tensor.tolist()
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (identity without a process group)."""
-    return _all_reduce(values, device, dist.ReduceOp.SUM)
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a few host numbers over all ranks (identity without a process group)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
-def all_max(values: list[float], device: torch.device) -> list[float]:
-    """The largest of each of a few numbers over all ranks (identity without a process group)."""
-    return _all_reduce(values, device, dist.ReduceOp.MAX)
+def all_max(values: list[float]) -> list[float]:
+    """The largest of each of a few host numbers over all ranks (identity without a process group)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 @contextlib.contextmanager
@@ -71,7 +84,7 @@ def fail_together(ctx: Context):
         yield
     except Exception as raised:
         error = raised
-    failed = int(all_max([ctx.rank + 1 if error is not None else 0], ctx.device)[0]) - 1
+    failed = int(all_max([ctx.rank + 1 if error is not None else 0])[0]) - 1
     if error is not None:
         raise error
     if failed >= 0:

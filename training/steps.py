@@ -97,6 +97,6 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
                        depth[:previews], depth_pred[:previews].float())
     model.train(was_training)
     metrics.all_reduce()
-    loss_sum, count = all_sum([loss_sum, count], device)
+    loss_sum, count = all_sum([loss_sum, count])
     result = {"loss": loss_sum / count if count else float("nan"), **metrics.compute(), "samples": int(count)}
     return result, preview
