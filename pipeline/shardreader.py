@@ -8,6 +8,7 @@ reported, numbered, since its key cannot be known. Malformed tar data never rais
 only storage that cannot be read does (PipelineError).
 """
 
+import io
 import logging
 from dataclasses import dataclass, field
 
@@ -47,29 +48,6 @@ class ShardInfo:
     index: dict | None
 
 
-class _Bounded:
-    """The next `size` bytes of a stream, as a stream; a short read means the shard was cut."""
-
-    def __init__(self, stream, size: int, offset: int):
-        self.stream, self.left, self.offset = stream, size, offset
-
-    def read(self, size: int) -> bytes:
-        size = min(size, self.left)
-        data = self.stream.read(size)
-        if len(data) != size:
-            raise TarFormatError(f"cut off at byte {self.offset + len(data)}")
-        self.left -= size
-        self.offset += size
-        return data
-
-    def seekable(self) -> bool:
-        return False
-
-    def drain(self) -> None:
-        while self.left:
-            self.read(min(self.left, 1 << 20))
-
-
 def _indexed(url, source, index, start, stop, storage_options, want, retries, retry_wait):
     count = len(index.keys)
     last = min(stop, count)
@@ -80,21 +58,21 @@ def _indexed(url, source, index, start, stop, storage_options, want, retries, re
             for number in range(start, last):
                 key, offset = index.keys[number], index.offsets[number]
                 sample = ShardSample(key, url)
-                view = _Bounded(stream, index.offsets[number + 1] - offset, offset)
+                # The sample's bytes in one read, parsed in memory: a tenth of the cost of
+                # parsing its headers through the stream, and the next sample starts right after.
+                size = index.offsets[number + 1] - offset
+                data = stream.read(size)
                 try:
-                    for member_offset, member_key, suffix, data in iter_members(view, want, offset):
+                    if len(data) != size:
+                        raise TarFormatError(f"cut off at byte {offset + len(data)}")
+                    for member_offset, member_key, suffix, member in iter_members(io.BytesIO(data), want, offset):
                         if member_key != key:
                             raise TarFormatError(f"member {member_key}.{suffix} at byte {member_offset} "
                                                  f"is not part of sample {key} (index and shard disagree)")
-                        if data is not None:
-                            sample.members[suffix] = data
-                    view.drain()
+                        if member is not None:
+                            sample.members[suffix] = member
                 except TarFormatError as error:
                     sample.error = f"damaged tar data: {error}"
-                    try:
-                        view.drain()
-                    except TarFormatError:
-                        pass  # cut off: the next samples find the stream ended too
                 yield sample
     for number in range(max(start, count), stop):
         yield ShardSample(f"#{number}", url, error=f"shard holds {count} samples (by its index), {stop} expected")
