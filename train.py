@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError, expand_urls, make_loader
-from training import UserError, checkpoint, distributed
+from training import UserError, baselines, checkpoint, distributed
 from training.logger import RunLogger, Window
 from training.options import parse_args
 from training.runfolder import find_val_shards, prepare_run_folder
@@ -84,6 +84,7 @@ class Run:
     skipped_this_epoch: int = 0
     best_loss: float = math.inf
     last_validated: int = -1
+    baselines_logged: bool = False
     window: Window = field(default_factory=Window)
 
     def say(self, message: str) -> None:
@@ -131,6 +132,11 @@ def validate(run: Run) -> None:
                                channels_last=True, weights=run.weights, previews=run.args.previews)
     run.logger.log("val", run.step, {"epoch": run.epoch, **result})
     run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    if not run.baselines_logged:  # once per run: what predicting without looking scores
+        fitted, scores = baselines.fit_and_score(run.train_urls, run.val_urls, run.loader_args, run.ctx.device)
+        run.logger.log("baseline", run.step, {"fit_samples": fitted.samples, **scores})
+        run.say(baselines.summary(scores, fitted.samples, result["rmse"]))
+        run.baselines_logged = True
     if run.ctx.is_main and preview is not None:
         save_preview(run.out / "previews" / f"step-{run.step}.png", *preview)
     run.last_validated = run.step

@@ -47,8 +47,8 @@ def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels
              weights: LossWeights = LossWeights(), previews: int = 0):
     """Score `model` on every sample of `urls` (split across ranks, sums all-reduced).
 
-    Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, samples; preview
-    tensors (bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
+    Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, ssi_rmse, samples; preview
+    tensors (bg, bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
     """
     was_training = model.training
     model.eval()
@@ -65,7 +65,7 @@ def evaluate(model, urls, loader_args: dict, device, *, amp_dtype=None, channels
         loss_sum, count = loss_sum + loss.item() * size, count + size
         metrics.update(logits, depth_pred, mask, depth)
         if previews and preview is None:
-            preview = (batch["bgfg"][:previews], mask[:previews], logits[:previews].float(),
+            preview = (batch["bg"][:previews], batch["bgfg"][:previews], mask[:previews], logits[:previews].float(),
                        depth[:previews], depth_pred[:previews].float())
     model.train(was_training)
     metrics.all_reduce()
