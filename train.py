@@ -216,7 +216,7 @@ def train(args, ctx: distributed.Context) -> None:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
     # --- model and optimizer -------------------------------------------------------------
-    config = UNetConfig(width=args.width, row_coords=args.row_coords)
+    config = UNetConfig(width=args.width)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).

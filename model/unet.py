@@ -2,9 +2,6 @@
 
 One shared encoder sees both images stacked as 6 channels, so it can compare them pixel by
 pixel (the difference is the object); one decoder with skip connections feeds two 1x1 heads.
-With row_coords the encoder also gets each pixel's row (-1 at the top, 1 at the bottom): on a
-ground plane depth is a function of the row below the horizon, which convolutions, being
-translation invariant, cannot otherwise tell apart.
 """
 
 import functools
@@ -28,7 +25,6 @@ class UNetConfig:
     levels: int = 5  # downsamplings; inputs must be divisible by 2**levels
     max_mult: int = 16
     in_channels: int = 6
-    row_coords: bool = True
 
     @property
     def stride(self) -> int:
@@ -84,7 +80,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         chans = [config.width * min(2**i, config.max_mult) for i in range(config.levels + 1)]
-        self.stem = _double_conv(config.in_channels + config.row_coords, chans[0])
+        self.stem = _double_conv(config.in_channels, chans[0])
         self.down = nn.ModuleList(_double_conv(chans[i], chans[i + 1]) for i in range(config.levels))
         self.up = nn.ModuleList(
             _Up(chans[i + 1], chans[i], chans[i]) for i in reversed(range(config.levels))
@@ -98,10 +94,6 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_image_size(x.shape[-2], self.config)
         check_image_size(x.shape[-1], self.config)
-        if self.config.row_coords:
-            batch, _, height, width = x.shape
-            rows = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype).view(1, 1, height, 1)
-            x = torch.cat([x, rows.expand(batch, 1, height, width)], 1)
         skips = [self.stem(x)]
         for block in self.down:
             skips.append(block(F.max_pool2d(skips[-1], 2)))

@@ -73,9 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--width", type=_positive(int), default=UNetConfig.width, help="U-Net base channels")
-    model.add_argument("--row-coords", action=argparse.BooleanOptionalAction, default=UNetConfig.row_coords,
-                       help="give the network each pixel's row as an input channel (depth on a ground plane "
-                       "depends on it)")
     for term, default in (("bce", 1.0), ("dice", 1.0), ("l1", 1.0), ("ssim", 1.0), ("grad", 1.0)):
         model.add_argument(f"--w-{term}", type=float, default=default, help=f"weight of the {term} loss term")
 
