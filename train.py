@@ -130,13 +130,13 @@ def validate(run: Run) -> None:
     """Score the validation shards, log and preview the result, keep best.pt."""
     result, preview = evaluate(run.model, run.val_urls, run.loader_args, run.ctx.device, amp_dtype=run.amp_dtype,
                                channels_last=True, weights=run.weights, previews=run.args.previews)
-    run.logger.log("val", run.step, {"epoch": run.epoch, **result})
-    run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if not run.baselines_logged:  # once per run: what predicting without looking scores
         fitted, scores = baselines.fit_and_score(run.train_urls, run.val_urls, run.loader_args, run.ctx.device)
         run.logger.log("baseline", run.step, {"fit_samples": fitted.samples, **scores})
         run.say(baselines.summary(scores, fitted.samples, result["rmse"]))
         run.baselines_logged = True
+    run.logger.log("val", run.step, {"epoch": run.epoch, **result})
+    run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if run.ctx.is_main and preview is not None:
         save_preview(run.out / "previews" / f"step-{run.step}.png", *preview)
     run.last_validated = run.step
