@@ -4,7 +4,7 @@ import argparse
 import json
 import os
 
-from model import UNetConfig, check_image_size
+from model import LossWeights, UNetConfig, check_image_size
 
 from . import UserError
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--width", type=_positive(int), default=UNetConfig.width, help="U-Net base channels")
-    for term, default in (("bce", 1.0), ("dice", 1.0), ("l1", 1.0), ("ssim", 1.0), ("grad", 1.0)):
+    for term, default in LossWeights().to_dict().items():
         model.add_argument(f"--w-{term}", type=float, default=default, help=f"weight of the {term} loss term")
 
     schedule = parser.add_argument_group("schedule")
