@@ -23,6 +23,7 @@ from .textures import PATTERNS, pattern, rng, value_noise
 DEPTH_NEAR, DEPTH_FAR = 1.0, 100.0  # metres on depth 0 and 255
 SUPERSAMPLE = 2
 PLACE_TRIES = 30
+OBJECT_HEIGHT = (0.22, 0.6)  # a pasted object's height in pixels, as a fraction of the image's
 # Colour ranges (low RGB, high RGB) of familiar materials, so scenes look like places.
 GROUND = (((60, 90, 30), (110, 150, 70)), ((110, 80, 50), (160, 120, 80)), ((170, 150, 110), (220, 200, 150)),
           ((60, 60, 60), (115, 115, 115)), ((120, 110, 100), (190, 180, 170)))
@@ -273,28 +274,50 @@ class Scene:
     def place(self, generator, fg_image: Image.Image, fg_mask: Image.Image):
         """Stand the object on the ground: (x, y, image, mask, depth value) of one placement.
 
-        The object's base row sets its distance, the distance its size in pixels; a spot where
-        something nearer would be covered is redrawn (after PLACE_TRIES the object is simply
-        made nearer than what it covers).
+        A spot that does not fit in the picture, or where the object would cover something
+        nearer than itself, is redrawn; after PLACE_TRIES the last spot that fitted is kept and
+        the object made nearer than all it covers.
         """
-        cam, size = self.camera, self.image.shape[0]
-        aspect = fg_image.width / fg_image.height
+        spot = None
         for _ in range(PLACE_TRIES):
-            height_px = generator.uniform(0.22, 0.6) * size
-            stature = generator.uniform(0.4, 1.3)  # object height / camera height
-            bottom = cam.horizon + height_px / stature  # the row edge its base stands on
-            w, h = max(int(round(height_px * aspect)), 4), int(round(height_px))
-            if bottom > size or bottom - h < 0 or w > size:
+            drawn = self._draw_spot(generator, fg_image.size)
+            if drawn is None:
                 continue
-            x, y = int(generator.integers(0, size - w + 1)), int(round(bottom)) - h
-            obj_mask = fg_mask.resize((w, h), Image.NEAREST)
-            covered = self.depth_exact[y:y + h, x:x + w][np.asarray(obj_mask) > 0]
-            value = self.ground_depth(y + h)
-            if covered.size and value < covered.min():
+            spot = drawn
+            value, nearest = self._depths(fg_mask, spot)
+            if value < nearest:
                 break
         else:
-            value = min(value, float(covered.min()) - 10) if covered.size else value
-        return x, y, fg_image.resize((w, h), Image.BILINEAR), obj_mask, int(max(round(value), 0))
+            spot = spot or self._bottom_spot(fg_image.size)
+            value, nearest = self._depths(fg_mask, spot)
+            value = min(value, nearest - 10)
+        x, y, w, h = spot
+        return (x, y, fg_image.resize((w, h), Image.BILINEAR), fg_mask.resize((w, h), Image.NEAREST),
+                int(max(round(value), 0)))
+
+    def _draw_spot(self, generator, fg_size) -> tuple | None:
+        """(x, y, w, h) for a drawn height in pixels and stature (height over the camera's), which
+        set the row its base stands on; None where that does not fit in the picture."""
+        size = self.image.shape[0]
+        height_px = generator.uniform(*OBJECT_HEIGHT) * size
+        bottom = self.camera.horizon + height_px / generator.uniform(0.4, 1.3)  # its base's row edge
+        w, h = max(int(round(height_px * fg_size[0] / fg_size[1])), 4), int(round(height_px))
+        if bottom > size or bottom - h < 0 or w > size:
+            return None
+        return int(generator.integers(0, size - w + 1)), max(int(round(bottom)) - h, 0), w, h
+
+    def _bottom_spot(self, fg_size) -> tuple:
+        """As large as fits, centred on the bottom row: where an object goes when no draw fitted."""
+        size = self.image.shape[0]
+        h = max(int(min(OBJECT_HEIGHT[1] * size, size * fg_size[1] / fg_size[0])), 1)
+        w = min(max(int(round(h * fg_size[0] / fg_size[1])), 1), size)
+        return (size - w) // 2, size - h, w, h
+
+    def _depths(self, fg_mask, spot) -> tuple[float, float]:
+        """(the ground's depth under the spot's base, the nearest depth the object would cover)."""
+        x, y, w, h = spot
+        covered = self.depth_exact[y:y + h, x:x + w][np.asarray(fg_mask.resize((w, h), Image.NEAREST)) > 0]
+        return self.ground_depth(y + h), float(covered.min(initial=np.inf))
 
 
 def make_background(seed: int, bg_id: int, size: int) -> Scene:

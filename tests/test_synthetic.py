@@ -239,3 +239,14 @@ def test_objects_stand_on_the_ground_nearer_than_what_they_cover():
             assert 0.3 < stature < 1.4  # the farther (higher up), the smaller
             covered = scene.depth_exact[y:bottom, x:x + mask.width][np.asarray(mask) > 0]
             assert value <= covered.min() + 0.5
+
+
+def test_a_scene_with_no_free_ground_still_places_every_object_nearer_than_it_covers():
+    scene = scenes.make_background(0, 1, 64)
+    scene.depth_exact = np.full_like(scene.depth_exact, 30.0)  # as if a wall stood right before the camera
+    generator = textures.rng(0, 98)
+    wide = Image.new("RGB", (400, 10), "red"), Image.new("L", (400, 10), 255)  # fits no drawn spot
+    for fg_image, fg_mask in [objects.make_foreground(0, fg_id, 64) for fg_id in range(1, 6)] + [wide]:
+        x, y, image, mask, value = scene.place(generator, fg_image, fg_mask)
+        assert image.size == mask.size and 0 <= x <= 64 - mask.width and 0 <= y <= 64 - mask.height
+        assert value <= 20  # nearer than everything it covers, though its base row says farther
