@@ -32,7 +32,8 @@ test-servers:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } \
 	  || { echo "error: nginx is missing and could not be installed; install it (apt-get install nginx-light)" >&2; exit 1; }
 
-# A full-size synthetic seed dataset (20 zips x 10,000 samples, like the real one) in DATASET.
+# A full-size synthetic seed dataset (20 zips x 10,000 samples, like the real one) in DATASET,
+# photo style (the generator's default; --style simple is the fast flat one).
 seed-data: setup
 	$(PY) -m seedzips.synthetic --out $(DATASET) --zips 20 --bgs-per-zip 5 --fg 100 --placements 20 --workers $(shell nproc)
 
@@ -48,11 +49,12 @@ bench: setup
 	$(PY) bench/quality.py
 	$(PY) bench/train_speed.py
 
+# Photo-style data (60 backgrounds, 9 held out: the bench/quality.py dataset with another seed).
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) -m seedzips.synthetic --out $(DEMO)/dataset --zips 4 --bgs-per-zip 5 --fg 20 --placements 4 --seed 0
-	$(PY) convert_zips.py --dataset $(DEMO)/dataset --out $(DEMO)/shards --val-fraction 0.1
-	$(PY) train.py --shards '$(DEMO)/shards/batch-{1..4}.tar' --out $(DEMO)/run --device cpu \
+	$(PY) -m seedzips.synthetic --out $(DEMO)/dataset --style photo --zips 6 --bgs-per-zip 10 --fg 10 --placements 3 --seed 0
+	$(PY) convert_zips.py --dataset $(DEMO)/dataset --out $(DEMO)/shards --val-fraction 0.15
+	$(PY) train.py --shards '$(DEMO)/shards/batch-{1..6}.tar' --out $(DEMO)/run --device cpu \
 	  --image-size 64 --width 16 --batch-size 16 --workers 1 --steps 700 --minutes 3.5 --val-every 175 --save-every 175
 	$(PY) predict.py --checkpoint $(DEMO)/run/best.pt --shard $(DEMO)/shards/val-1.tar --limit 4 --out $(DEMO)/predict
 	@echo "demo: previews in $(DEMO)/run/previews, metrics in $(DEMO)/run/metrics.jsonl, predictions in $(DEMO)/predict"

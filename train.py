@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import Pipeline, PipelineError, expand_urls
-from training import UserError, checkpoint, distributed, preflight, signals
+from training import UserError, baselines, checkpoint, distributed, preflight, signals
 from training.logger import RunLogger, Window
 from training.options import parse_args
 from training.runfolder import claim_run_folder, find_val_shards
@@ -72,6 +72,8 @@ class Run:
     ctx: distributed.Context
     stop_request: signals.StopRequest
     out: Path
+    train_urls: list
+    loader_args: dict  # make_loader's arguments, but for train and epoch
     train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
     val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
     loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
@@ -94,6 +96,7 @@ class Run:
     best_loss: float = math.inf
     last_validated: int = -1
     signum: int = 0  # the stop signal every rank has agreed on, 0 while none
+    baselines_logged: bool = False
     window: Window = field(default_factory=Window)
 
     def say(self, message: str) -> None:
@@ -139,6 +142,12 @@ def validate(run: Run) -> None:
     """Score the validation shards, log and preview the result, keep best.pt."""
     result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
                                channels_last=True, weights=run.weights, previews=run.args.previews)
+    if not run.baselines_logged:  # once per run: what predicting without looking scores
+        fitted = baselines.fit(run.train_urls, run.loader_args, run.ctx.device)
+        scores = baselines.score(fitted, run.val_data.epoch(0), run.ctx.device)
+        run.logger.log("baseline", run.step, {"fit_samples": fitted.samples, **scores})
+        run.say(baselines.summary(scores, fitted.samples, result["rmse"]))
+        run.baselines_logged = True
     run.logger.log("val", run.step, {"epoch": run.epoch, **result})
     run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if run.ctx.is_main and preview is not None:
@@ -265,7 +274,8 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     forward = model
     if ctx.world_size > 1:
         forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_data=train_data, val_data=val_data,
+    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_urls=train_urls, loader_args=loader_args,
+              train_data=train_data, val_data=val_data,
               loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
                                    image_size=args.image_size, seed=args.seed),
               config=config, model=model, forward=torch.compile(forward) if args.compile else forward,

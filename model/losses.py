@@ -12,7 +12,7 @@ class LossWeights:
 
     bce: float = 1.0
     dice: float = 1.0
-    l1: float = 1.0
+    l1: float = 3.0  # absolute depth counts most: 3 beat 1 on held-out backgrounds (bench/quality.py)
     ssim: float = 1.0
     grad: float = 1.0
 

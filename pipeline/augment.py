@@ -29,9 +29,13 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(f"augment/{seed}/{epoch}/{key}")
 
 
-def draw(rng: random.Random, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), jitter: float = 0.2) -> tuple:
+def draw(rng: random.Random, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), jitter: float = 0.2) -> tuple:
     """One sample's draw, as AUG_FIELDS: a flip (0/1), a crop box (area fraction in `scale`,
-    aspect in `ratio`; top, left, height, width as fractions) and three jitter factors."""
+    aspect in `ratio`; top, left, height, width as fractions) and three jitter factors.
+
+    Crops keep at least 80% of the area: a stronger zoom makes objects look nearer than their
+    depth says and shifts the horizon far from where validation images have it (bench/quality.py:
+    held-out depth RMSE 0.060 vs 0.065 with 0.5, mean of two seeds; README)."""
     flip = float(rng.random() < 0.5)
     box = (0.0, 0.0, 1.0, 1.0)
     for _ in range(10):  # as torchvision's RandomResizedCrop: retry, then fall back to all

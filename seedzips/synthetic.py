@@ -1,9 +1,11 @@
 """A synthetic dataset in the seed layout, with the seed's quirks, that a model can learn.
 
-Backgrounds are smooth textured scenes whose colour and texture follow a per-background depth
-ramp (so depth is visible in the image); foregrounds are coloured, striped shapes. Each zip's
+Two styles of picture, the same zips. photo (scenes, objects): ray-cast outdoor scenes with a
+ground plane in perspective, walls, boxes, balls, hills and sky, textured and lit, and shaded,
+textured objects standing on the ground, sized and given depth by the row they stand on.
+simple: flat shapes on colour noise with a depth ramp (fast; the tests use it). Either way each
 composite is a foreground pasted on a background exactly at the mask, and its depth map is the
-background's ramp with the object nearer (smaller value; larger = farther) than what it covers.
+background's with the object nearer (smaller value; larger = farther) than what it covers.
 
     python -m seedzips.synthetic --out data/seed --zips 2 --bgs-per-zip 5 --fg 100 --placements 20
 """
@@ -18,67 +20,18 @@ import zipfile
 
 import numpy as np
 from tqdm import tqdm
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline import schema
 
+from . import objects, scenes, simple
+from .textures import rng
+
 DEPTH_MODES = ("gray", "color", "half", "mixed")
+# style -> (make_background(seed, bg_id, size) with .image, .depth, .place(); make_foreground)
+STYLES = {"photo": (scenes.make_background, objects.make_foreground),
+          "simple": (simple.make_background, simple.make_foreground)}
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # zip timestamps, so the same seed gives identical zips
-
-
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *stream])
-
-
-def _smooth_noise(rng, size: int, cells: int, channels: int) -> np.ndarray:
-    """Noise in -1..1 that varies over about `cells` cells across the image."""
-    grid = rng.uniform(0, 255, (cells, cells, channels)).astype(np.uint8)
-    mode = "RGB" if channels == 3 else "L"
-    up = Image.fromarray(grid.squeeze(), mode).resize((size, size), Image.BICUBIC)
-    return np.asarray(up, np.float32).reshape(size, size, channels) / 127.5 - 1.0
-
-
-def make_background(seed: int, bg_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 image, uint8 depth map) of one background: a ramp in a random direction."""
-    rng = _rng(seed, 1, bg_id)
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    ramp = np.cos(angle) * xx + np.sin(angle) * yy
-    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    ramp = np.clip(ramp + 0.08 * _smooth_noise(rng, size, 4, 1)[..., 0], 0, 1)
-    near, far = rng.uniform(90, 140), rng.uniform(190, 250)
-    depth = (near + (far - near) * ramp).round().astype(np.uint8)
-    # Far parts are hazier (closer to the far colour) and carry less texture, like a real scene.
-    near_colour, far_colour = rng.uniform(20, 200, 3), rng.uniform(120, 240, 3)
-    t = ramp[..., None]
-    image = (1 - t) * near_colour + t * far_colour
-    image += 35 * _smooth_noise(rng, size, 6, 3)
-    image += (1 - t) * 25 * _smooth_noise(rng, size, max(size // 8, 2), 3)
-    return np.clip(image, 0, 255).astype(np.uint8), depth
-
-
-def make_foreground(seed: int, fg_id: int, size: int) -> tuple[Image.Image, Image.Image]:
-    """(RGB object on black, binary L mask) of one foreground: an ellipse or a polygon."""
-    rng = _rng(seed, 2, fg_id)
-    side = max(int(size * rng.uniform(0.25, 0.45)), 6)
-    mask = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(mask)
-    if rng.random() < 0.4:
-        rx, ry = side / 2 * rng.uniform(0.55, 1.0, 2)
-        draw.ellipse((side / 2 - rx, side / 2 - ry, side / 2 + rx - 1, side / 2 + ry - 1), fill=255)
-    else:
-        corners = int(rng.integers(3, 8))
-        angles = rng.uniform(0, 2 * np.pi) + np.linspace(0, 2 * np.pi, corners, endpoint=False)
-        radii = side / 2 * rng.uniform(0.6, 1.0, corners)
-        centre = (side - 1) / 2
-        draw.polygon([(centre + r * np.cos(a), centre + r * np.sin(a)) for r, a in zip(radii, angles)], fill=255)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
-    stripe_angle, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
-    stripes = np.sin((np.cos(stripe_angle) * xx + np.sin(stripe_angle) * yy) * 2 * np.pi / period)
-    colour, stripe_colour = rng.uniform(0, 255, 3), rng.uniform(-70, 70, 3)
-    texture = colour + stripes[..., None] * stripe_colour + 10 * _smooth_noise(rng, side, 3, 3)
-    on = np.asarray(mask)[..., None] > 0
-    return Image.fromarray(np.where(on, np.clip(texture, 0, 255), 0).astype(np.uint8)), mask
 
 
 def _depth_colormap() -> list[int]:
@@ -120,7 +73,8 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
 def _write_zip(job: dict) -> None:
     """Write one zipFiles/batch_{b}.zip: composites and masks interleaved, depth maps later."""
     seed, size, batch = job["seed"], job["image_size"], job["batch"]
-    rng = _rng(seed, 3, batch)
+    generator = rng(seed, 3, batch)
+    make_background, make_foreground = STYLES[job["style"]]
     foregrounds = [make_foreground(seed, j, size) for j in range(1, job["fg"] + 1)]
     faults = job["faults"]
     depth_members, labels = [], []
@@ -129,24 +83,21 @@ def _write_zip(job: dict) -> None:
         for folder in (schema.COMPOSITE_DIR, schema.MASK_DIR):
             archive.writestr(_zip_info(folder + "/"), b"")
         for bg_id in job["bg_ids"]:
-            bg_array, depth_array = make_background(seed, bg_id, size)
-            background, bg_depth = Image.fromarray(bg_array), Image.fromarray(depth_array)
+            backdrop = make_background(seed, bg_id, size)
+            background, bg_depth = Image.fromarray(backdrop.image), Image.fromarray(backdrop.depth)
             for fg_index, (fg_image, fg_mask) in enumerate(foregrounds):
                 for p in range(1, job["placements"] + 1):
                     key = schema.seed_key(bg_id, fg_index * job["placements"] + p)
-                    scale = rng.uniform(0.7, 1.3)
-                    w, h = (max(int(round(s * scale)), 4) for s in fg_image.size)
-                    x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-                    obj, obj_mask = fg_image.resize((w, h), Image.BILINEAR), fg_mask.resize((w, h), Image.NEAREST)
+                    x, y, obj, obj_mask, value = backdrop.place(generator, fg_image, fg_mask)
                     composite = background.copy()
                     composite.paste(obj, (x, y), obj_mask)
                     mask = Image.new("L", (size, size), 0)
                     mask.paste(255, (x, y), obj_mask)
-                    covered = depth_array[y:y + h, x:x + w][np.asarray(obj_mask) > 0]
-                    nearest = int(covered.min()) if covered.size else int(depth_array.min())
                     depth = bg_depth.copy()
-                    depth.paste(max(nearest - int(rng.integers(25, 71)), 0), (x, y), obj_mask)
-                    mode = job["depth"] if job["depth"] != "mixed" else ("gray", "color", "half")[int(rng.integers(3))]
+                    depth.paste(value, (x, y), obj_mask)
+                    mode = job["depth"]
+                    if mode == "mixed":
+                        mode = ("gray", "color", "half")[int(generator.integers(3))]
                     name = key + (".jpg.jpg" if key in faults["double_ext"] else ".jpg")
                     composite_bytes = _encode(composite, 60)
                     if key in faults["truncated"]:
@@ -158,17 +109,18 @@ def _write_zip(job: dict) -> None:
                         depth_members.append((f"{schema.DEPTH_DIR}/{name}", _encode(_depth_image(depth, mode), 60)))
         # The depth maps were added in a later pass, in an order unrelated to the rest.
         archive.writestr(_zip_info(schema.DEPTH_DIR + "/"), b"")
-        for index in rng.permutation(len(depth_members)):
+        for index in generator.permutation(len(depth_members)):
             archive.writestr(_zip_info(depth_members[index][0]), depth_members[index][1])
         archive.writestr(_zip_info(schema.LABELS), "".join(n + "\n" for n in sorted(labels)))
     os.replace(path + ".tmp", path)
 
 
-def _write_sources(out: str, seed: int, bg_count: int, fg_count: int, size: int) -> None:
+def _write_sources(out: str, style: str, seed: int, bg_count: int, fg_count: int, size: int) -> None:
+    make_background, make_foreground = STYLES[style]
     for folder in (schema.BG_DIR, schema.FG_DIR, schema.FG_MASK_DIR, schema.ZIP_DIR):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     for bg_id in range(1, bg_count + 1):
-        image = Image.fromarray(make_background(seed, bg_id, size)[0])
+        image = Image.fromarray(make_background(seed, bg_id, size).image)
         image.save(os.path.join(out, schema.BG_DIR, schema.bg_name(bg_id)), quality=75)
     for fg_id in range(1, fg_count + 1):
         image, mask = make_foreground(seed, fg_id, size)
@@ -177,9 +129,11 @@ def _write_sources(out: str, seed: int, bg_count: int, fg_count: int, size: int)
 
 
 def generate(out, *, zips=2, bgs_per_zip=2, fg=3, placements=2, seed=0, image_size=224,
-             depth="gray", faults=False, workers=1, progress=False) -> dict:
+             depth="gray", faults=False, style="simple", workers=1, progress=False) -> dict:
     """Write a seed-layout dataset to `out` and describe it.
 
+    style: "photo" or "simple" (STYLES). Here the default is "simple", which the tests and the
+    loader benchmarks were built on; the command line's default is "photo".
     Returns {"root", "zips": [{"name", "bg_ids", "keys"}], "samples", "faults"}: "samples" counts
     composites written; "faults" maps missing_depth / truncated / double_ext to the affected keys
     (empty lists unless faults=True). The same arguments always give byte-identical files.
@@ -189,6 +143,8 @@ def generate(out, *, zips=2, bgs_per_zip=2, fg=3, placements=2, seed=0, image_si
         raise ValueError("zips, bgs_per_zip, fg and placements must all be at least 1")
     if depth not in DEPTH_MODES:
         raise ValueError(f"depth must be one of {', '.join(DEPTH_MODES)}, not {depth!r}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, not {style!r}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, not {image_size}")
     per_bg = fg * placements
@@ -204,8 +160,8 @@ def generate(out, *, zips=2, bgs_per_zip=2, fg=3, placements=2, seed=0, image_si
             raise ValueError("faults=True needs at least 3 samples")
         chosen = random.Random(seed).sample(all_keys, 3)
         fault_keys = {kind: [key] for kind, key in zip(fault_keys, chosen)}
-    _write_sources(out, seed, zips * bgs_per_zip, fg, image_size)
-    jobs = [{"out": out, "seed": seed, "image_size": image_size, "batch": batch, "fg": fg,
+    _write_sources(out, style, seed, zips * bgs_per_zip, fg, image_size)
+    jobs = [{"out": out, "style": style, "seed": seed, "image_size": image_size, "batch": batch, "fg": fg,
              "placements": placements, "depth": depth, "faults": fault_keys,
              "bg_ids": entry["bg_ids"]} for batch, entry in enumerate(zip_list, 1)]
     bar = tqdm(total=zips, unit="zip", desc="generating", disable=not progress)
@@ -233,6 +189,10 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--depth", choices=DEPTH_MODES, default="gray",
                         help="depth maps: gray, colour-mapped RGB, half size, or a per-sample mix (default gray)")
+    parser.add_argument("--style", choices=tuple(STYLES), default="photo",
+                        help="photo: ray-cast scenes with real depth cues and shaded objects standing on the "
+                        "ground, the stand-in for real photographs; simple: flat shapes on colour noise, "
+                        "faster, whose depth is easy to learn (default photo)")
     parser.add_argument("--faults", action="store_true",
                         help="add a sample without depth, a truncated composite and .jpg.jpg names")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -241,7 +201,8 @@ def main(argv=None) -> int:
     try:
         summary = generate(args.out, zips=args.zips, bgs_per_zip=args.bgs_per_zip, fg=args.fg,
                            placements=args.placements, seed=args.seed, image_size=args.image_size,
-                           depth=args.depth, faults=args.faults, workers=args.workers, progress=True)
+                           depth=args.depth, faults=args.faults, style=args.style, workers=args.workers,
+                           progress=True)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -80,4 +80,23 @@ def test_metrics_all_reduce_without_a_process_group_keeps_the_sums():
     metrics.update(mask * 5, mask * 0.5, mask, mask * 0.5)
     before = metrics.compute()
     metrics.all_reduce()
-    assert metrics.compute() == before == {"iou": 1.0, "dice": 1.0, "rmse": 0.0, "abs_rel": 0.0, "delta1": 1.0}
+    assert metrics.compute() == before == {"iou": 1.0, "dice": 1.0, "rmse": 0.0, "abs_rel": 0.0, "delta1": 1.0,
+                                           "ssi_rmse": 0.0}
+
+
+def test_ssi_rmse_forgives_each_images_scale_and_shift_but_not_its_shape():
+    torch.manual_seed(0)
+    truth = torch.rand(3, 1, 16, 16)
+    mask = torch.zeros_like(truth)
+    affine = truth * torch.tensor([0.5, 2.0, -1.0]).view(3, 1, 1, 1) + torch.tensor([0.3, -0.2, 0.9]).view(3, 1, 1, 1)
+    metrics = SegDepthMetrics()
+    metrics.update(mask - 1, affine, mask, truth)
+    result = metrics.compute()
+    assert result["ssi_rmse"] < 1e-6 < 0.1 < result["rmse"]
+    flat = SegDepthMetrics()  # a constant says nothing of the shape: it scores each image's spread
+    flat.update(mask - 1, torch.full_like(truth, 0.7), mask, truth)
+    spread = ((truth - truth.mean((1, 2, 3), keepdim=True)) ** 2).mean() ** 0.5
+    assert flat.compute()["ssi_rmse"] == pytest.approx(spread.item(), rel=1e-6)
+    noisy = SegDepthMetrics()
+    noisy.update(mask - 1, 3 * truth + 0.1 * torch.randn_like(truth), mask, truth)
+    assert 0.01 < noisy.compute()["ssi_rmse"] < 0.05  # noise of 0.1 / 3 on the truth's scale

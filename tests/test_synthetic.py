@@ -1,4 +1,5 @@
-"""seedzips.synthetic keeps the seed layout, its quirks, and makes images a model can learn from."""
+"""seedzips.synthetic keeps the seed layout and its quirks in both styles, and makes images a
+model can learn from; the photo style's depth is what its picture shows."""
 
 import io
 import os
@@ -9,7 +10,22 @@ import pytest
 from PIL import Image
 
 from pipeline import schema
-from seedzips import synthetic
+from seedzips import objects, scenes, synthetic, textures
+
+from conftest import SEED_DATASET
+
+
+@pytest.fixture(scope="module")
+def photo_dataset(tmp_path_factory):
+    """conftest's seed_dataset drawn in the photo style."""
+    path = tmp_path_factory.mktemp("photo") / "dataset"
+    return path, synthetic.generate(path, **{**SEED_DATASET, "style": "photo"})
+
+
+@pytest.fixture(params=["simple", "photo"])
+def any_dataset(request, seed_dataset, photo_dataset):
+    """(dataset path, generate()'s summary, style) of each style's tiny faulty dataset."""
+    return (*{"simple": seed_dataset, "photo": photo_dataset}[request.param], request.param)
 
 
 def _zip(dataset, name):
@@ -20,8 +36,8 @@ def _decode(data: bytes, mode: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert(mode), np.int16)
 
 
-def test_layout_names_and_labels(seed_dataset):
-    dataset, summary = seed_dataset
+def test_layout_names_and_labels(any_dataset):
+    dataset, summary, _ = any_dataset
     bg_count = sum(len(z["bg_ids"]) for z in summary["zips"])
     assert sorted(os.listdir(os.path.join(dataset, schema.BG_DIR))) == sorted(
         schema.bg_name(i) for i in range(1, bg_count + 1))
@@ -44,8 +60,8 @@ def test_layout_names_and_labels(seed_dataset):
         assert sorted(schema.key_of(n) for n in composites) == sorted(entry["keys"])
 
 
-def test_members_are_interleaved_and_depth_comes_later_in_another_order(seed_dataset):
-    dataset, summary = seed_dataset
+def test_members_are_interleaved_and_depth_comes_later_in_another_order(any_dataset):
+    dataset, summary, _ = any_dataset
     for entry in summary["zips"]:
         with _zip(dataset, entry["name"]) as archive:
             names = [n for n in archive.namelist() if not n.endswith("/") and n != schema.LABELS]
@@ -60,8 +76,8 @@ def test_members_are_interleaved_and_depth_comes_later_in_another_order(seed_dat
         assert depth_order != [k for k in composite_order if k in depth_order]
 
 
-def test_faults_are_injected_and_reported(seed_dataset):
-    dataset, summary = seed_dataset
+def test_faults_are_injected_and_reported(any_dataset):
+    dataset, summary, _ = any_dataset
     faults = summary["faults"]
     assert all(len(keys) == 1 for keys in faults.values())
     assert len({keys[0] for keys in faults.values()}) == 3
@@ -112,8 +128,9 @@ def _foreground(dataset, fg_id):
     return image[mask & ~_ring(~mask, 1)].mean(axis=0)
 
 
-def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_its_background(seed_dataset):
-    dataset, summary = seed_dataset
+def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_what_it_covers(any_dataset):
+    dataset, summary, style = any_dataset
+    make_background = synthetic.STYLES[style][0]
     faulty = {key for keys in summary["faults"].values() for key in keys}
     fg_count = len(os.listdir(os.path.join(dataset, schema.FG_DIR)))
     placements = len(summary["zips"][0]["keys"]) // len(summary["zips"][0]["bg_ids"]) // fg_count
@@ -128,7 +145,10 @@ def test_composite_is_the_foreground_pasted_at_the_mask_and_nearer_than_its_back
         k = int(key.rsplit("_bg_", 1)[1].split("_")[0])  # key = seed_key(bg, (fg - 1) * placements + p)
         pasted = composite[mask & ~_ring(~mask, 1)].mean(axis=0)
         assert np.abs(pasted - _foreground(dataset, (k - 1) // placements + 1)).max() < 20, key
-        assert np.median(depth[mask]) + 15 < np.median(depth[_ring(mask, 4)]), key
+        inner = mask & ~_ring(~mask, 1)
+        covered = make_background(SEED_DATASET["seed"], schema.background_id(key), mask.shape[0]).depth[inner]
+        assert np.median(depth[inner]) + (15 if style == "simple" else 1) < np.median(covered), key
+        assert np.percentile(covered - depth[inner], 5) > -4, key  # nothing it covers is nearer (JPEG aside)
     assert kinds == {("L", True), ("RGB", True), ("L", False)}  # "mixed": gray, colour, half size
 
 
@@ -139,8 +159,10 @@ def test_colour_depth_is_monotonic_in_luma():
     assert np.abs(lut[0] - lut[2]).max() > 20  # really coloured, not gray
 
 
-def test_same_arguments_give_identical_files_with_any_workers(tmp_path):
-    options = dict(zips=2, bgs_per_zip=1, fg=2, placements=1, seed=3, image_size=32, depth="color", faults=True)
+@pytest.mark.parametrize("style", ["simple", "photo"])
+def test_same_arguments_give_identical_files_with_any_workers(tmp_path, style):
+    options = dict(zips=2, bgs_per_zip=1, fg=2, placements=1, seed=3, image_size=32, depth="color", faults=True,
+                   style=style)
     one = synthetic.generate(tmp_path / "a", workers=1, **options)
     two = synthetic.generate(tmp_path / "b", workers=2, **options)
     assert one["faults"] == two["faults"]
@@ -162,3 +184,69 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path, capsys):
     assert synthetic.main(["--out", str(tmp_path / "e"), "--zips", "0"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def _scenes(count=6, size=64):
+    return [scenes.make_background(0, bg_id, size) for bg_id in range(1, count + 1)]
+
+
+def test_photo_depth_matches_the_ground_plane_and_nothing_below_the_horizon_is_behind_it():
+    for scene in _scenes():
+        cam, depth = scene.camera, scene.depth_exact
+        rows = np.arange(depth.shape[0])
+        below = rows[rows > cam.horizon + 2]  # rows whose pixels lie fully below the horizon
+        ground = np.array([scene.ground_depth(row + 0.5) for row in below])
+        assert np.all(np.diff(ground) < 0)  # the ground is nearer lower down the picture
+        # The ground hides whatever lies beyond it, so no pixel below the horizon is farther...
+        assert np.all(depth[below] <= ground[:, None] + 1.5)
+        # ...and most of it is the ground itself, at the depth its row says.
+        assert np.mean(np.abs(depth[below] - ground[:, None]) < 1.5) > 0.4
+        sky_rows = np.nonzero(scene.depth == 255)[0]
+        assert sky_rows.size and sky_rows.max() < cam.horizon + 1  # sky (farthest) only above the horizon
+        assert scene.depth.min() < 100 and np.ptp(scene.image.astype(int), axis=(0, 1)).min() > 40
+
+
+def test_ground_texture_shrinks_and_fades_toward_the_horizon():
+    u = np.linspace(0, 8, 4000)
+    near = textures.pattern(textures.rng(0), "checker", u, u * 0.37, np.full(3, 120.0), 0.01)
+    far = textures.pattern(textures.rng(0), "checker", u, u * 0.37, np.full(3, 120.0), 0.6)
+    # A pixel wider than half a period shows the mean colour: no aliasing near the horizon.
+    assert near.std(0).max() > 3 and far.std(0).max() < 0.01 * near.std(0).max()
+    contrast = []
+    for scene in _scenes(size=96):
+        top, bottom = int(scene.camera.horizon) + 3, scene.image.shape[0]
+        band = (bottom - top) // 3
+        gray = scene.image.astype(float).mean(2)
+        detail = np.abs(np.diff(gray, axis=1))
+        contrast.append((detail[bottom - band:].mean(), detail[top:top + band].mean()))
+    near_detail, far_detail = np.array(contrast).T
+    assert np.median(near_detail / np.maximum(far_detail, 1e-6)) > 1  # fine patterns far away average out
+
+
+def test_objects_stand_on_the_ground_nearer_than_what_they_cover():
+    foregrounds = [objects.make_foreground(0, fg_id, 64) for fg_id in range(1, 11)]
+    for fg_image, fg_mask in foregrounds:
+        assert np.asarray(fg_mask).max() == 255 and np.asarray(fg_mask)[-1].any()  # base on the bottom row
+        assert set(np.unique(np.asarray(fg_mask))) <= {0, 255}
+    generator = textures.rng(0, 99)
+    for scene in _scenes():
+        for fg_image, fg_mask in foregrounds:
+            x, y, image, mask, value = scene.place(generator, fg_image, fg_mask)
+            bottom = y + mask.height
+            assert image.size == mask.size and 0 <= x <= 64 - mask.width and y >= 0 and bottom <= 64
+            assert bottom > scene.camera.horizon and value == round(scene.ground_depth(bottom))
+            stature = mask.height / (bottom - scene.camera.horizon)  # height over the camera's
+            assert 0.3 < stature < 1.4  # the farther (higher up), the smaller
+            covered = scene.depth_exact[y:bottom, x:x + mask.width][np.asarray(mask) > 0]
+            assert value <= covered.min() + 0.5
+
+
+def test_a_scene_with_no_free_ground_still_places_every_object_nearer_than_it_covers():
+    scene = scenes.make_background(0, 1, 64)
+    scene.depth_exact = np.full_like(scene.depth_exact, 30.0)  # as if a wall stood right before the camera
+    generator = textures.rng(0, 98)
+    wide = Image.new("RGB", (400, 10), "red"), Image.new("L", (400, 10), 255)  # fits no drawn spot
+    for fg_image, fg_mask in [objects.make_foreground(0, fg_id, 64) for fg_id in range(1, 6)] + [wide]:
+        x, y, image, mask, value = scene.place(generator, fg_image, fg_mask)
+        assert image.size == mask.size and 0 <= x <= 64 - mask.width and 0 <= y <= 64 - mask.height
+        assert value <= 20  # nearer than everything it covers, though its base row says farther

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from model import UNetConfig, check_image_size
+from model import LossWeights, UNetConfig, check_image_size
 
 from . import UserError
 from .signals import DUPLICATE_WINDOW
@@ -48,7 +48,7 @@ def number(kind, *, least=None, above=None, below=None):
 
 
 POSITIVE_INT, COUNT = number(int, least=1), number(int, least=0)
-LOSS_TERMS = ("bce", "dice", "l1", "ssim", "grad")  # --w-TERM, model.LossWeights' fields
+LOSS_TERMS = tuple(LossWeights().to_dict())  # --w-TERM
 MAX_RETRIES = 20  # the wait doubles after each failure: 20 retries already wait up to 6 days
 
 
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--width", type=POSITIVE_INT, default=UNetConfig.width, help="U-Net base channels")
-    for term in LOSS_TERMS:
-        model.add_argument(f"--w-{term}", type=number(float, least=0), default=1.0,
+    for term, default in LossWeights().to_dict().items():
+        model.add_argument(f"--w-{term}", type=number(float, least=0), default=default,
                            help=f"weight of the {term} loss term (>= 0)")
 
     schedule = parser.add_argument_group("schedule")
@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps in total (counting resumed ones)")
     length.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training shards (default 5)")
     schedule.add_argument("--minutes", type=number(float, above=0), help="also stop after this much wall time")
-    schedule.add_argument("--lr", type=number(float, above=0), default=1e-3, help="peak AdamW learning rate")
-    schedule.add_argument("--weight-decay", type=number(float, least=0), default=1e-4, help="AdamW weight decay")
+    # 3e-3 and 0.05 won in bench/quality.py (held-out backgrounds; README, "Model quality").
+    schedule.add_argument("--lr", type=number(float, above=0), default=3e-3, help="peak AdamW learning rate")
+    schedule.add_argument("--weight-decay", type=number(float, least=0), default=0.05, help="AdamW weight decay")
     schedule.add_argument("--warmup-steps", type=COUNT, help="linear warmup (default: 5%% of the schedule, <= 1000)")
     schedule.add_argument(
         "--schedule-steps",

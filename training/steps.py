@@ -75,8 +75,8 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
     """Score `model` on `batches` (this rank's share of a validation pass, e.g.
     Pipeline.epoch(0) of the val shards; sums all-reduced across ranks).
 
-    Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, samples; preview
-    tensors (bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
+    Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, ssi_rmse, samples; preview
+    tensors (bg, bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
     """
     was_training = model.training
     model.eval()
@@ -93,8 +93,8 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
         loss_sum, count = loss_sum + loss.item() * size, count + size
         metrics.update(logits, depth_pred, mask, depth)
         if previews and preview is None:
-            preview = (batch["bgfg"][:previews].clone(), mask[:previews], logits[:previews].float(),
-                       depth[:previews], depth_pred[:previews].float())
+            preview = (batch["bg"][:previews].clone(), batch["bgfg"][:previews].clone(), mask[:previews],
+                       logits[:previews].float(), depth[:previews], depth_pred[:previews].float())
     model.train(was_training)
     metrics.all_reduce()
     loss_sum, count = all_sum([loss_sum, count])

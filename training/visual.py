@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 # Polynomial fit of Google's Turbo colour map (Mikhailov 2019): one row per channel, the
@@ -36,20 +36,32 @@ def _gray_tile(values: torch.Tensor) -> torch.Tensor:
     return (values.float().clamp(0, 1).cpu() * 255).round().to(torch.uint8).expand(3, -1, -1)
 
 
-def save_preview(path: Path, bgfg, mask_true, mask_logits, depth_true, depth_pred) -> None:
-    """One row per sample: bgfg | true mask | predicted mask | true depth | predicted depth.
+COLUMNS = ("bg", "bgfg", "true mask", "predicted mask", "true depth", "predicted depth")
+TILE_MIN = 128  # small training images are enlarged (nearest: pixels stay honest) up to this
+PADDING, HEADER = 2, 20
 
-    bgfg uint8 [N,3,H,W]; masks and depths float [N,1,H,W] (mask 0/1 and logits, depth 0..1).
+
+def save_preview(path: Path, bg, bgfg, mask_true, mask_logits, depth_true, depth_pred) -> None:
+    """One row per sample under a header naming the COLUMNS: bg | bgfg | true mask | predicted
+    mask | true depth | predicted depth (depth colour-mapped: near red, far blue).
+
+    bg, bgfg uint8 [N,3,H,W]; masks and depths float [N,1,H,W] (mask 0/1 and logits, depth 0..1).
     """
     tiles = []
     for i in range(bgfg.shape[0]):
-        tiles += [
-            bgfg[i].cpu(),
-            _gray_tile(mask_true[i]),
-            _gray_tile(torch.sigmoid(mask_logits[i].float())),
-            _depth_tile(depth_true[i]),
-            _depth_tile(depth_pred[i]),
-        ]
-    grid = make_grid(torch.stack(tiles), nrow=5, padding=2, pad_value=255)
+        tiles += [bg[i].cpu(), bgfg[i].cpu(), _gray_tile(mask_true[i]),
+                  _gray_tile(torch.sigmoid(mask_logits[i].float())), _depth_tile(depth_true[i]),
+                  _depth_tile(depth_pred[i])]
+    scale = max(1, -(-TILE_MIN // bgfg.shape[-1]))
+    tiles = torch.stack(tiles).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = make_grid(tiles, nrow=len(COLUMNS), padding=PADDING, pad_value=255)
+    body = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    image = Image.new("RGB", (body.width, body.height + HEADER), "white")
+    image.paste(body, (0, HEADER))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=13)
+    step = tiles.shape[-1] + PADDING
+    for column, label in enumerate(COLUMNS):
+        centre = PADDING + column * step + tiles.shape[-1] / 2
+        draw.text((centre, HEADER / 2 + 1), label, fill="black", font=font, anchor="mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    image.save(path)
