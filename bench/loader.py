@@ -3,7 +3,8 @@
 On one seed-size zip (5 backgrounds x 100 foregrounds x 20 placements = 10,000 samples at
 224 px, mixed depth maps), generated once and converted into 1 and into 20 shards (cached
 under --cache), one run measures, each loader in a fresh child process whose CPU time (its
-workers' included) and peak memory (PSS of all its processes together) are recorded:
+workers' included) is recorded, and in runs of their own (sampling it costs CPU) its peak
+memory (PSS of all its processes together):
   (a) decode_only: the same samples' four JPEGs decoded in --workers processes from memory,
       nothing else (bench/loader_baselines.py): the ceiling for any loader doing this decode;
   (b) the pipeline: a pipeline.Pipeline in train mode (shuffle buffer, decode, fit to size,
@@ -144,7 +145,9 @@ def _tree_pss_kib(root: int) -> int:
     return total
 
 
-def loader_in_child(kind: str, folder: str, args) -> dict:
+def loader_in_child(kind: str, folder: str, args, *, memory: bool = False) -> dict:
+    """One loader run in a child process; with `memory`, its peak PSS is sampled meanwhile
+    (reading every process's smaps costs CPU: not in the runs whose speed is compared)."""
     command = [sys.executable, os.path.abspath(__file__), "--run", kind, folder, "--workers", str(args.workers),
                "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -155,10 +158,12 @@ def loader_in_child(kind: str, folder: str, args) -> dict:
             peak[0] = max(peak[0], _tree_pss_kib(child.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if memory:
+        sampler.start()
     output, _ = child.communicate()
     stop.set()
-    sampler.join()
+    if memory:
+        sampler.join()
     if child.returncode:
         raise SystemExit(f"error: the {kind} run on {folder} failed (status {child.returncode})")
     result = json.loads(output.strip().splitlines()[-1])
@@ -200,8 +205,10 @@ def main(argv=None) -> int:
     many = max((r["pipeline"] for r in rounds), key=lambda result: result["sps"])
     stock = max((r["webdataset"] for r in rounds), key=lambda result: result["sps"])
     limit, limit_cpu = max((r["decode"] for r in rounds), key=lambda result: result[0])
-    _log("(b') the pipeline on 1 shard, then in eval mode")
-    one, evaluation = loader_in_child("train", folders[1], args), loader_in_child("eval", folders[20], args)
+    _log("(b') peak memory of the pipeline on 20 shards and on 1 shard, then eval mode")
+    many_memory = loader_in_child("train", folders[20], args, memory=True)
+    one = loader_in_child("train", folders[1], args, memory=True)
+    evaluation = loader_in_child("eval", folders[20], args)
     _log("(a') decode only, lenient and torchvision")
     _, lenient_cpu = baselines.decode_only(_shard_urls(folders[1]), args.workers, "lenient")
     torchvision_sps, torchvision_cpu = baselines.decode_only(_shard_urls(folders[1]), args.workers, "torchvision")
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
         "make_loader_epoch_change_s": round(many["epoch_change_s"], 3),
         "webdataset_epoch_change_s": round(stock["epoch_change_s"], 3),
         "make_loader_1_shard_sps": round(one["sps"], 1), "make_loader_eval_sps": round(evaluation["sps"], 1),
-        "peak_pss_mib_20_shards": round(max(r["pipeline"]["peak_pss_mib"] for r in rounds)),
+        "peak_pss_mib_20_shards": round(many_memory["peak_pss_mib"]),
         "peak_pss_mib_1_shard": round(one["peak_pss_mib"]),
         "seed_zip_pil_sps": round(seed, 1), "speedup_over_seed": round(many["sps"] / seed, 2),
         "bytes_fetched_ratio_8x8": fetched["ratio"], "bytes_fetched_baseline_ratio_8x8": fetched["baseline_ratio"],
