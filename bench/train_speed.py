@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convert_zips  # noqa: E402
 from model import UNet, UNetConfig, count_parameters  # noqa: E402
-from pipeline import make_loader  # noqa: E402
+from pipeline import Batch, make_loader  # noqa: E402
+from pipeline.augment import draw, sample_rng  # noqa: E402
 from seedzips import synthetic  # noqa: E402
 from training.steps import prepare_batch, train_step  # noqa: E402
 
@@ -48,14 +49,17 @@ def timed_steps(batches, steps: int) -> float:
 
 
 def random_batches():
-    """Endless batches shaped like the loader's, made in memory."""
+    """Endless train batches shaped like the loader's (augmentation draws included, so that
+    Batch.to does the same work), made in memory."""
     generator = torch.Generator().manual_seed(0)
 
     def image(channels):
         return torch.randint(0, 256, (BATCH, channels, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
 
+    draws = torch.tensor([draw(sample_rng(0, 0, str(i))) for i in range(BATCH)], dtype=torch.float32)
     while True:
-        yield {"bg": image(3), "bgfg": image(3), "depth": image(1), "mask": image(1) % 2}
+        yield Batch(bg=image(3), bgfg=image(3), depth=image(1), mask=image(1) % 2, aug=draws,
+                    key=[str(i) for i in range(BATCH)])
 
 
 def main(argv=None) -> int:

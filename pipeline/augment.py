@@ -67,7 +67,7 @@ class Batch(dict):
         """The images as floats on `device`, augmented when the batch carries draws:
         bg, bgfg [B,3,H,W] and depth [B,1,H,W] on the 0..255 scale, mask [B,1,H,W] 0/1."""
         images = {name: self[name].to(device, non_blocking=non_blocking).float() for name in IMAGES}
-        if self.augmented and len(self["key"]):  # an empty batch (spares ran out) has nothing to augment
+        if self.augmented and len(self["aug"]):  # an empty batch (spares ran out) has nothing to augment
             images = apply(images, self["aug"].to(device, non_blocking=non_blocking))
         return images
 
