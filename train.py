@@ -42,26 +42,8 @@ from training import UserError, baselines, checkpoint, distributed, preflight, s
 from training.logger import RunLogger, Window
 from training.options import parse_args
 from training.runfolder import claim_run_folder, find_val_shards
-from training.steps import evaluate, prepare_batch, train_step
+from training.steps import amp_dtype_for, evaluate, prepare_batch, train_step, warmup_cosine
 from training.visual import save_preview
-
-
-def warmup_cosine(warmup: int, total: int):
-    """LR factor per step: linear warmup, then a cosine from 1 down to 0 at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(1, total - warmup), 1.0)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def amp_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
 
 
 @dataclass
@@ -104,40 +86,6 @@ class Run:
             tqdm.write(message)
 
 
-def snapshot(run: Run) -> dict:
-    """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
-    at_epoch_end = run.batch_in_epoch >= run.epoch_len
-    return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-        "step": run.step, "epoch": run.epoch + at_epoch_end,
-        "batch_in_epoch": 0 if at_epoch_end else run.batch_in_epoch,
-        # Storage options may hold credentials: keep their names only.
-        "args": {**vars(run.args), "storage_options": sorted(run.args.storage_options or {})},
-        "model_config": run.config.to_dict(), "image_size": run.args.image_size, "loader": run.loader_identity,
-        "rng": checkpoint.rng_states(), "skipped": run.skipped_before + run.skipped_this_epoch,
-        "best_val_loss": run.best_loss,
-    }
-
-
-def resume(run: Run) -> None:
-    """Load OUT/last.pt into the run: weights, optimizer, schedule, RNG and data position."""
-    path = run.out / "last.pt"
-    state = checkpoint.load(path)
-    checkpoint.check_same_model(state, run.config, path)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    checkpoint.restore_rng_states(state["rng"])
-    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    run.skipped_before, run.best_loss = state["skipped"], state["best_val_loss"]
-    if state["loader"] != run.loader_identity:
-        run.say(f"warning: resuming with different loader settings ({state['loader']} -> {run.loader_identity}); "
-                f"the rest of epoch {run.epoch} may repeat or miss samples")
-    run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
-
-
 def validate(run: Run) -> None:
     """Score the validation shards, log and preview the result, keep best.pt."""
     result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
@@ -156,7 +104,7 @@ def validate(run: Run) -> None:
     if result["loss"] < run.best_loss:
         run.best_loss = result["loss"]
         if run.ctx.is_main:
-            checkpoint.save(run.out / "best.pt", snapshot(run))
+            checkpoint.save(run.out / "best.pt", checkpoint.snapshot(run))
 
 
 def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
@@ -228,10 +176,10 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
                 validate(run)
             except (UserError, PipelineError):  # the steps since the last save are not lost with it
                 if ctx.is_main:
-                    checkpoint.save(run.out / "last.pt", snapshot(run))
+                    checkpoint.save(run.out / "last.pt", checkpoint.snapshot(run))
                 raise
         if ctx.is_main and (run.step % args.save_every == 0 or last):
-            checkpoint.save(run.out / "last.pt", snapshot(run))
+            checkpoint.save(run.out / "last.pt", checkpoint.snapshot(run))
     if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
         signals.stop_workers()
     run.window.take_loader_stats(loader)
@@ -288,7 +236,7 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
 
     # --- resume ----------------------------------------------------------------------------
     if args.resume:
-        resume(run)
+        checkpoint.resume(run)
         if run.step >= total_steps:
             run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
             return 0

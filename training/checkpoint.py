@@ -1,4 +1,5 @@
-"""Checkpoints: one dict with everything needed to predict and to resume exactly.
+"""Checkpoints: one dict with everything needed to predict and to resume exactly, and the
+snapshot of a train.py run that goes into it (and back, on --resume).
 
 Written atomically and durably (temporary file in the same folder, fsync, rename, fsync of the
 folder: pipeline.schema.replace_durably), so a crash or power loss while saving leaves the
@@ -82,3 +83,38 @@ def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
             f"checkpoint {path} was made for model {state['model_config']}, "
             f"this run builds {config.to_dict()} (pass the same --width, or another --out)"
         )
+
+
+# --- train.py's run (its Run record) to a checkpoint and back --------------------------
+def snapshot(run) -> dict:
+    """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
+    at_epoch_end = run.batch_in_epoch >= run.epoch_len
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "step": run.step, "epoch": run.epoch + at_epoch_end,
+        "batch_in_epoch": 0 if at_epoch_end else run.batch_in_epoch,
+        # Storage options may hold credentials: keep their names only.
+        "args": {**vars(run.args), "storage_options": sorted(run.args.storage_options or {})},
+        "model_config": run.config.to_dict(), "image_size": run.args.image_size, "loader": run.loader_identity,
+        "rng": rng_states(), "skipped": run.skipped_before + run.skipped_this_epoch,
+        "best_val_loss": run.best_loss,
+    }
+
+
+def resume(run) -> None:
+    """Load OUT/last.pt into the run: weights, optimizer, schedule, RNG and data position."""
+    path = run.out / "last.pt"
+    state = load(path)
+    check_same_model(state, run.config, path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state["rng"])
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.skipped_before, run.best_loss = state["skipped"], state["best_val_loss"]
+    if state["loader"] != run.loader_identity:
+        run.say(f"warning: resuming with different loader settings ({state['loader']} -> {run.loader_identity}); "
+                f"the rest of epoch {run.epoch} may repeat or miss samples")
+    run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")

@@ -1,4 +1,7 @@
-"""Batches to device tensors, one optimizer step, one validation pass (train.py and bench/)."""
+"""Batches to device tensors, one optimizer step and its schedule, one validation pass (train.py
+and bench/)."""
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,25 @@ def prepare_batch(batch, device: torch.device, channels_last: bool = False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, images["mask"], images["depth"].div_(255)
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LR factor per step: linear warmup, then a cosine from 1 down to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(1, total - warmup), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def amp_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
+    """--amp's choice as an autocast dtype (None: full precision); auto = bf16 on CUDA only."""
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
