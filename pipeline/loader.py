@@ -43,12 +43,8 @@ STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
 
 def _init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers are many already; intra-op threads only contend
-    # Ctrl-C and a scheduler's SIGTERM reach every process of the job: the main process decides
-    # when to stop (train.py saves first) and ends its workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # That also ignores the SIGTERM with which the DataLoader ends a worker that outstays its
-    # shutdown, so let the kernel end it instead should the main process go first.
+    # A worker ignores SIGTERM until its pool closes (pipeline.workers), so should the main
+    # process die first, let the kernel end the worker instead.
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 

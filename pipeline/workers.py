@@ -8,11 +8,16 @@ records, and the main process announces a new pass (the next epoch out of sequen
 point, another validation) by bumping a generation number in shared memory. Each worker
 checks it before every batch and switches streams; every record carries the generation it was
 made for, and the main process discards (and frees the memory of) records of an older one.
-A worker with nothing left to do waits on a condition for the next pass: no polling, and it
+A worker with nothing left to do waits on its doorbell for the next pass: no polling, and it
 wakes for a new pass, for close(), or (checking every second) when the main process is gone.
 """
 
+import atexit
+import functools
+import multiprocessing
 import os
+import signal
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -23,14 +28,25 @@ from pipeline.batchmemory import SharedBatches
 _GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
 _PREFETCH = 2  # batches each worker may have made ahead of the main process
 _PARENT_CHECK_SECONDS = 1.0
+_JOIN_SECONDS = 5.0  # as long as the DataLoader gives a worker to end at its shutdown
 
 
 class PassControl:
-    """The current pass (generation, epoch, start batch, chain), shared with the workers."""
+    """The current pass (generation, epoch, start batch, chain), shared with the workers.
 
-    def __init__(self, context):
+    Nothing the main process does here can wait on a worker, so a worker killed at any point
+    (train.py SIGKILLs them on a stop signal, the OOM killer may) never blocks close() or the
+    next start(): the values sit behind a lock that a worker holds only for the four reads of
+    current(), and a waiting worker is woken through a doorbell of its own, a semaphore that
+    the main process only ever releases. (A multiprocessing.Condition would not do: its
+    notify_all() waits for every sleeper to acknowledge, forever for one that was killed.)
+    """
+
+    def __init__(self, context, workers: int):
         self._values = context.RawArray("q", 5)
-        self._condition = context.Condition()
+        self._lock = context.Lock()
+        self._doorbells = [context.Semaphore(0) for _ in range(workers)]
+        self._pids = context.RawArray("q", workers)
         self._parent = os.getpid()
 
     @property
@@ -39,31 +55,48 @@ class PassControl:
 
     def start(self, epoch: int, start_batch: int, chain: bool) -> int:
         """Announce a new pass; returns its generation."""
-        with self._condition:
+        with self._lock:
             self._values[_EPOCH], self._values[_START_BATCH], self._values[_CHAIN] = epoch, start_batch, chain
             self._values[_GENERATION] += 1
-            self._condition.notify_all()
-            return self._values[_GENERATION]
+            generation = self._values[_GENERATION]
+        self._ring()
+        return generation
 
     def close(self) -> None:
-        with self._condition:
-            self._values[_CLOSING] = 1
-            self._condition.notify_all()
+        self._values[_CLOSING] = 1  # one word, read after the doorbell: no lock needed
+        self._ring()
+
+    @property
+    def closing(self) -> bool:
+        return bool(self._values[_CLOSING])
+
+    def worker_started(self, worker: int) -> None:
+        self._pids[worker] = os.getpid()
+
+    def worker_processes(self) -> list:
+        """This pool's worker processes still running (children of this process)."""
+        pids = set(self._pids) - {0}
+        return [child for child in multiprocessing.active_children() if child.pid in pids]
+
+    def _ring(self) -> None:
+        # A worker that was busy finds its bell rung at its next wait and looks again: harmless.
+        for doorbell in self._doorbells:
+            doorbell.release()
 
     def current(self) -> tuple[int, int, int, bool]:
         """(generation, epoch, start batch, chain), read together."""
-        with self._condition:
+        with self._lock:
             return (self._values[_GENERATION], self._values[_EPOCH], self._values[_START_BATCH],
                     bool(self._values[_CHAIN]))
 
-    def wait_for_new_pass(self, generation: int) -> bool:
-        """Block until a pass after `generation` starts (True) or the pool closes (False)."""
-        with self._condition:
-            while not self._values[_CLOSING] and self._values[_GENERATION] == generation:
-                self._condition.wait(_PARENT_CHECK_SECONDS)
-                if os.getppid() != self._parent and get_worker_info() is not None:
-                    return False  # the main process died: end this worker, as DataLoader's watchdog would
-            return not self._values[_CLOSING]
+    def wait_for_new_pass(self, worker: int, generation: int) -> bool:
+        """Block worker `worker` until a pass after `generation` starts (True) or the pool
+        closes (False)."""
+        while not self._values[_CLOSING] and self._values[_GENERATION] == generation:
+            self._doorbells[worker].acquire(timeout=_PARENT_CHECK_SECONDS)
+            if os.getppid() != self._parent and get_worker_info() is not None:
+                return False  # the main process died: end this worker, as DataLoader's watchdog would
+        return not self._values[_CLOSING]
 
 
 class _WorkerLoop:
@@ -87,7 +120,7 @@ class _WorkerLoop:
                 if record is not None:
                     return record
                 self.stream = None
-            if not self.wait or not self.control.wait_for_new_pass(self.generation):
+            if not self.wait or not self.control.wait_for_new_pass(self.worker, self.generation):
                 raise StopIteration
 
 
@@ -105,6 +138,36 @@ def _as_is(record):
     return record  # records are made whole in the worker: nothing to collate
 
 
+def _on_stop_signal(control: PassControl, _signum, _frame) -> None:
+    if control.closing:
+        os._exit(0)  # a clean exit: the DataLoader reports any other as a crashed worker
+
+
+def _start_worker(control: PassControl, worker_init_fn, worker_id: int) -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach every process of the job, workers included: the
+    # main process decides when to stop (train.py saves first) and ends its workers itself, so
+    # they ignore both. Once their pool is closing, though, SIGTERM is how the DataLoader and
+    # multiprocessing end a worker that outstays the shutdown, and it must work.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, functools.partial(_on_stop_signal, control))
+    control.worker_started(worker_id)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+# Pools not closed by the time the interpreter exits. multiprocessing's exit handler sends each
+# daemonic process SIGTERM and waits for it, which a worker of an open pool ignores: so these
+# are closed first (atexit runs its handlers last registered first, and multiprocessing
+# registered its own when torch imported it).
+_open_pools = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pools() -> None:
+    for pool in list(_open_pools):
+        pool.close()
+
+
 class WorkerPool:
     """`workers` persistent processes (none: the main process makes the records itself)
     producing the records of make_stream(worker, epoch, start_batch, generation, chain) into
@@ -116,15 +179,16 @@ class WorkerPool:
     """
 
     def __init__(self, make_stream, memory: SharedBatches, *, workers: int, pin_memory: bool, worker_init_fn):
-        self.control = PassControl(torch.multiprocessing.get_context())
+        self.control = PassControl(torch.multiprocessing.get_context(), workers)
         self.memory = memory
         if workers:
             self._dataloader = DataLoader(
                 _Streams(self.control, make_stream), batch_size=None, num_workers=workers,
                 collate_fn=_as_is, persistent_workers=True, prefetch_factor=_PREFETCH,
                 in_order=False,  # records say where they belong, and a waiting worker must not hold up the others
-                pin_memory=pin_memory, worker_init_fn=worker_init_fn)
+                pin_memory=pin_memory, worker_init_fn=functools.partial(_start_worker, self.control, worker_init_fn))
             self._records = None
+            _open_pools.add(self)
         else:
             self._dataloader = None
             self._records = _WorkerLoop(self.control, make_stream, 0, wait=False)
@@ -149,5 +213,18 @@ class WorkerPool:
     def close(self) -> None:
         """End the worker processes (a waiting worker is woken first, so none lingers)."""
         self.control.close()
+        _open_pools.discard(self)
+        running = self._dataloader is not None and self._records is not None
+        iterator = weakref.ref(self._records) if running else lambda: None
         # The DataLoader keeps its persistent iterator: both must go for the workers to be shut down.
         self._records = self._dataloader = None
+        if iterator() is not None:
+            # Something else holds the iterator: the frames of an error's traceback, say. Garbage
+            # collection would free it later, after its queues' threads have stopped, and its
+            # shutdown would wait 5 s for each worker in vain; so end them now with SIGTERM,
+            # which they obey once their pool is closing.
+            workers = self.control.worker_processes()
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(timeout=_JOIN_SECONDS)

@@ -2,7 +2,11 @@
 
 import io
 import json
+import multiprocessing
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,10 +218,39 @@ def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
     loader = make_loader(str(tmp_path / f"{schema.TRAIN_PREFIX}-*.tar"), batch_size=2, workers=2,
                          image_size=SIZE, train=False, shard_sizes=[8, 9], retries=0)
     (tmp_path / schema.shard_name(schema.TRAIN_PREFIX, 2)).unlink()  # after the plan was made
+    before = set(multiprocessing.active_children())
     with pytest.raises(PipelineError) as error:
         list(loader)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"cannot read {tmp_path}/batch-2.tar")
+    # The pass's workers end with it, although the error's traceback still holds their DataLoader.
+    assert set(multiprocessing.active_children()) - before == set()
+
+
+# A script's unfinished pass often lives until the interpreter exits, whether the script ends
+# or fails. multiprocessing then sends the workers SIGTERM and waits for them, and a worker
+# ignores SIGTERM while its pool is open (it once waited forever).
+_LEFT_OPEN = """
+import sys
+from pipeline import make_loader
+batches = iter(make_loader(sys.argv[1], batch_size=1, workers=2, image_size=32, train=False))
+batch = next(batches)  # the pass is left unfinished, its workers running
+print(len(batch["key"]), flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the script failed")
+"""
+
+
+@pytest.mark.parametrize("ending", ["end", "raise"])
+def test_a_script_that_exits_without_closing_its_loader_exits(ending, shard_dir):
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(shard_dir / "val-1.tar"), ending],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.stdout == "1\n"
+    if ending == "end":
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1 and done.stderr.rstrip().endswith("RuntimeError: the script failed")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -249,8 +282,6 @@ def _rank_keys(rank, world_size, init_file, urls, out):
 
 
 def test_rank_and_world_size_come_from_torch_distributed(one_shard_dir, seed_dataset, tmp_path):
-    import multiprocessing
-
     context = multiprocessing.get_context("fork")
     out = context.Queue()
     urls = _all_shards(one_shard_dir)

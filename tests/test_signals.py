@@ -138,6 +138,29 @@ def test_a_signal_saves_last_pt_ends_the_workers_and_resume_continues_exactly(si
     assert_same_weights(whole / "last.pt", out / "last.pt")
 
 
+def validated(out: Path) -> bool:
+    path = out / "metrics.jsonl"
+    return path.exists() and '"kind": "val"' in path.read_text()
+
+
+def test_a_signal_while_the_validation_workers_wait_for_their_next_pass_still_exits(shard_dir, tmp_path):
+    """Between validations the validation pipeline's workers sleep waiting for a pass; train.py
+    kills them at a stop signal, and closing their pipeline after that must not wait on them
+    (it once hung there for good, last.pt saved but the process never ending)."""
+    out = tmp_path / "run"
+    with start_train(shard_dir, out, tmp_path / "logs", *SCHEDULE, "--workers", "2", "--val-every", "2",
+                     "--val-shards", str(shard_dir / "val-1.tar")) as job:
+        wait_for(lambda: validated(out), "the first validation")
+        job.process.send_signal(signal.SIGTERM)
+        status = job.wait(timeout=60)
+        left = tagged_processes(job.tag)
+    stdout, stderr = job.stdout.read_text(), job.stderr.read_text()
+    assert status == 128 + signal.SIGTERM, stderr[-3000:]
+    assert left == [] and "Traceback" not in stderr
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", stdout).group(1))
+    assert checkpoint_step(out / "last.pt") == step
+
+
 class _StallingHandler(http.server.SimpleHTTPRequestHandler):
     """Serves manifest.json; of any other file the first KiB, the rest once the test releases it."""
 

@@ -98,8 +98,8 @@ class StopRequest:
 def stop_workers() -> None:
     """End this process's DataLoader workers now and reap them (from the main thread).
 
-    They ignore SIGINT and SIGTERM (pipeline.loader), so this takes SIGKILL; they hold nothing a
-    checkpoint needs. The DataLoader's SIGCHLD handler would report the kill as a crashed worker
+    They ignore SIGINT and SIGTERM while their pool is open (pipeline.workers), so this takes
+    SIGKILL; they hold nothing a checkpoint needs. The DataLoader's SIGCHLD handler would report the kill as a crashed worker
     (an exception in the main thread), so SIGCHLD stays at its default until they are reaped.
     """
     children = multiprocessing.active_children()
