@@ -22,9 +22,9 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # servers.py: the tests' counting HTTP server
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # counting.py: the tests' counting HTTP server
 
-import servers  # noqa: E402  (needs tests/ on the path)
+import counting  # noqa: E402  (needs tests/ on the path)
 
 from pipeline import make_loader, schema  # noqa: E402
 from seedzips import synthetic  # noqa: E402
@@ -60,7 +60,7 @@ def _without_indexes(folder: str, copy: str) -> str:
 
 
 def _epoch_bytes(folder: str, shards: int, ranks: int, workers: int, batch_size: int) -> dict:
-    with servers.counting_http(folder) as server:
+    with counting.http_server(folder) as server:
         url = f"{server.url}/{schema.TRAIN_PREFIX}-{{1..{shards}}}.tar"
         batches = 0
         for rank in range(ranks):

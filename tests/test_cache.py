@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-import servers  # tests/servers.py: pytest puts this folder on the path
+import counting  # tests/counting.py: pytest puts this folder on the path
 
 from pipeline import PipelineError, cache, make_loader, schema
 from pipeline.shardreader import read_samples
@@ -22,7 +22,7 @@ def served(shard_dir, tmp_path):
     folder.mkdir()
     shutil.copy(shard_dir / SHARD, folder)
     data = (folder / SHARD).read_bytes()
-    with servers.counting_http(folder) as server:
+    with counting.http_server(folder) as server:
         yield server, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, data
 
 

@@ -9,7 +9,7 @@ import sys
 import tarfile
 
 import pytest
-import servers  # tests/servers.py: pytest puts this folder on the path
+import counting  # tests/counting.py: pytest puts this folder on the path
 import webdataset
 
 import convert_zips
@@ -112,7 +112,7 @@ def test_the_command_reads_remote_shards_and_writes_to_out_when_it_cannot_write_
     served.mkdir()
     for name in names:
         shutil.copy(shard_dir / name, served)
-    with servers.counting_http(served) as server:
+    with counting.http_server(served) as server:
         beside = _index_command(f"{server.url}/{names[0]}")
         out = _index_command(f"{server.url}/{{{','.join(n.removesuffix('.tar') for n in names)}}}.tar",
                              "--out", tmp_path / "indexes")

@@ -18,7 +18,8 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import boto3
 import pytest
-import servers  # tests/servers.py: pytest puts this folder on the path
+import counting  # tests/counting.py, tests/servers.py: pytest puts this folder on the path
+import servers
 
 import convert_zips
 from pipeline import PipelineError, make_loader, schema
@@ -175,7 +176,7 @@ def test_unreachable_server_names_the_url_quickly():
 
 
 def test_connection_dropped_mid_shard_is_retried_and_nothing_is_lost(served_root, shard_dir, local_keys):
-    with servers.counting_http(served_root, drop_after=20_000) as server:
+    with counting.http_server(served_root, drop_after=20_000) as server:
         keys = _eval_keys(_pattern(server.url, shard_dir), retries=2, retry_wait=0.01)
     assert keys == local_keys
     dropped = [path for path in server.dropped if path.endswith(".tar")]
@@ -190,7 +191,7 @@ def test_connection_dropped_mid_shard_is_retried_and_nothing_is_lost(served_root
 def test_an_epoch_over_4_ranks_x_2_workers_fetches_each_shard_byte_once(three_shards):
     """Shard bytes (.tar) sent by the server are compared with the shards' size; index and
     manifest bytes are counted apart and must stay small beside them."""
-    with servers.counting_http(three_shards) as server:
+    with counting.http_server(three_shards) as server:
         loaders = [make_loader(f"{server.url}/batch-{{1..3}}.tar", batch_size=2, workers=2, image_size=SIZE,
                                train=True, rank=rank, world_size=4) for rank in range(4)]
         ranks = [[batch["key"] for batch in loader] for loader in loaders]
@@ -215,7 +216,7 @@ def _epochs(url, cache_dir, epochs=(0, 1), world_size=2, workers=2):
 
 def test_a_cache_dir_fetches_each_shard_once_over_epochs_and_none_in_a_later_run(three_shards, tmp_path):
     cache_dir = tmp_path / "cache"
-    with servers.counting_http(three_shards) as server:
+    with counting.http_server(three_shards) as server:
         url = f"{server.url}/batch-{{1..3}}.tar"
         _epochs(url, cache_dir)
         first_run = server.bytes_sent(".tar")
@@ -234,7 +235,7 @@ def test_a_cache_dir_fetches_each_shard_once_over_epochs_and_none_in_a_later_run
 
 def test_simplecache_urls_keep_their_cache_across_shards_and_epochs(three_shards):
     url = f"simplecache::{{}}/batch-{{{{1..3}}}}.tar"
-    with servers.counting_http(three_shards) as server:
+    with counting.http_server(three_shards) as server:
         # Both ranks of epoch 0 in this one process, whose one simplecache client fetches each shard
         # once (fsspec's HTTP asks whether a file exists with a GET first, hence up to 2x)...
         _epochs(url.format(server.url), None, epochs=(0,), workers=0)
@@ -249,7 +250,7 @@ def test_a_server_without_range_gives_the_local_keys_and_warns_once_per_shard(th
         str(three_shards / "batch-{1..3}.tar"), batch_size=4, workers=0, image_size=SIZE, train=False,
         rank=rank, world_size=4) for key in batch["key"])
     caplog.set_level(logging.WARNING, logger="pipeline.streams")
-    with servers.counting_http(three_shards, ranges=False) as server:
+    with counting.http_server(three_shards, ranges=False) as server:
         for _ in range(2):  # a second epoch says nothing new
             keys = sorted(key for rank in range(4) for batch in make_loader(
                 f"{server.url}/batch-{{1..3}}.tar", batch_size=4, workers=0, image_size=SIZE, train=False,
@@ -269,7 +270,7 @@ def test_s3_ranged_reads_fetch_each_shard_byte_once(three_shards, aws_env, tmp_p
     ranks, workers, shards = 4, 2, 3
     with servers.rclone_s3(tmp_path, ACCESS_KEY, SECRET_KEY) as server:
         _upload_with_boto3(server.url, three_shards)
-        with servers.counting_proxy(server.url) as (proxy, sent):
+        with counting.proxy(server.url) as (proxy, sent):
             for rank in range(ranks):
                 for _ in make_loader(f"s3://{BUCKET}/batch-{{1..3}}.tar", batch_size=2, workers=workers,
                                      image_size=SIZE, train=True, rank=rank, world_size=ranks,
