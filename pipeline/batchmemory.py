@@ -87,10 +87,14 @@ class Buffer:
 
 
 def _new_bytes(size: int, shared: bool) -> torch.Tensor:
-    """`size` uninitialised bytes, in shared memory when `shared`. Made there directly, as
-    DataLoader's own collate does: share_memory_() would copy an empty tensor into it, touching
-    every page, with a parallel copy that hangs a process forked from this one later (an
-    OpenMP pool does not survive fork)."""
+    """`size` uninitialised bytes, in shared memory when `shared`.
+
+    Made there directly with UntypedStorage._new_shared, as DataLoader's own collate does: the
+    project's one private torch call, kept on purpose. The public share_memory_() copies the
+    tensor into new shared memory with an OpenMP-parallel copy, and in a process forked from
+    one whose OpenMP pool is running (a rank started with fork, as
+    tests/test_loader.py::test_rank_and_world_size_come_from_torch_distributed does) that copy
+    hangs for good inside libgomp; it would also touch every page of the slots up front."""
     if not shared:
         return torch.empty(size, dtype=torch.uint8)
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))

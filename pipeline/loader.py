@@ -175,14 +175,13 @@ class Pipeline:
 
     def _records(self, epoch: int, start_batch: int, stats: dict):
         """The pass's records in batch order (the workers deliver them in any order)."""
-        records = self._pool.records()
         for index in range(start_batch, self.batches_per_epoch):
             record = self._pending.pop((epoch, index), None)
             while record is None:
                 if (epoch, "error") in self._pending:
                     raise PipelineError(self._pending.pop((epoch, "error")).error)
                 waiting = time.perf_counter()
-                got = next(records, None)
+                got = next(self._pool.records(), None)  # never a variable: see WorkerPool.close
                 stats["wait_s"] += time.perf_counter() - waiting
                 if got is None:
                     raise PipelineError(f"the loader's workers stopped before batch {index} of epoch {epoch}")

@@ -14,7 +14,6 @@ wakes for a new pass, for close(), or (checking every second) when the main proc
 
 import atexit
 import functools
-import multiprocessing
 import os
 import signal
 import weakref
@@ -28,7 +27,6 @@ from pipeline.batchmemory import SharedBatches
 _GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
 _PREFETCH = 2  # batches each worker may have made ahead of the main process
 _PARENT_CHECK_SECONDS = 1.0
-_JOIN_SECONDS = 5.0  # as long as the DataLoader gives a worker to end at its shutdown
 
 
 class PassControl:
@@ -46,7 +44,6 @@ class PassControl:
         self._values = context.RawArray("q", 5)
         self._lock = context.Lock()
         self._doorbells = [context.Semaphore(0) for _ in range(workers)]
-        self._pids = context.RawArray("q", workers)
         self._parent = os.getpid()
 
     @property
@@ -69,14 +66,6 @@ class PassControl:
     @property
     def closing(self) -> bool:
         return bool(self._values[_CLOSING])
-
-    def worker_started(self, worker: int) -> None:
-        self._pids[worker] = os.getpid()
-
-    def worker_processes(self) -> list:
-        """This pool's worker processes still running (children of this process)."""
-        pids = set(self._pids) - {0}
-        return [child for child in multiprocessing.active_children() if child.pid in pids]
 
     def _ring(self) -> None:
         # A worker that was busy finds its bell rung at its next wait and looks again: harmless.
@@ -150,7 +139,6 @@ def _start_worker(control: PassControl, worker_init_fn, worker_id: int) -> None:
     # multiprocessing end a worker that outstays the shutdown, and it must work.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, functools.partial(_on_stop_signal, control))
-    control.worker_started(worker_id)
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
 
@@ -198,7 +186,8 @@ class WorkerPool:
         return self.control.start(epoch, start_batch, chain)
 
     def records(self):
-        """The one iterator of records this pool hands out, for every pass."""
+        """The one iterator of records this pool hands out, for every pass (take its next
+        record each time from here: see close())."""
         if self._records is None:
             if self._dataloader is None:
                 raise RuntimeError("this worker pool is closed")
@@ -214,17 +203,8 @@ class WorkerPool:
         """End the worker processes (a waiting worker is woken first, so none lingers)."""
         self.control.close()
         _open_pools.discard(self)
-        running = self._dataloader is not None and self._records is not None
-        iterator = weakref.ref(self._records) if running else lambda: None
-        # The DataLoader keeps its persistent iterator: both must go for the workers to be shut down.
+        # The DataLoader keeps its persistent iterator: both must go for the workers to be shut
+        # down. Nothing else may hold the iterator (the frames of an error's traceback would, and
+        # garbage collection frees it only after its queues' threads have stopped, when its
+        # shutdown can no longer reach the workers): hence records(), never a variable.
         self._records = self._dataloader = None
-        if iterator() is not None:
-            # Something else holds the iterator: the frames of an error's traceback, say. Garbage
-            # collection would free it later, after its queues' threads have stopped, and its
-            # shutdown would wait 5 s for each worker in vain; so end them now with SIGTERM,
-            # which they obey once their pool is closing.
-            workers = self.control.worker_processes()
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.join(timeout=_JOIN_SECONDS)
