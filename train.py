@@ -25,11 +25,9 @@ Exit status: 0 done; 2 bad input (one `train.py: error:` line); 128 + the signal
 stopped by one: 143 for SIGTERM, 130 for SIGINT.
 """
 
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,51 +37,12 @@ from tqdm import tqdm
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import Pipeline, PipelineError, expand_urls
 from training import UserError, baselines, checkpoint, distributed, preflight, signals
-from training.logger import RunLogger, Window
+from training.logger import RunLogger, Window, log_window
 from training.options import parse_args
+from training.run import Run
 from training.runfolder import claim_run_folder, find_val_shards
 from training.steps import amp_dtype_for, evaluate, prepare_batch, train_step, warmup_cosine
 from training.visual import save_preview
-
-
-@dataclass
-class Run:
-    """Everything one training run holds: the parts built at setup and the position reached."""
-
-    args: object
-    ctx: distributed.Context
-    stop_request: signals.StopRequest
-    out: Path
-    train_urls: list
-    loader_args: dict  # make_loader's arguments, but for train and epoch
-    train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
-    val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
-    loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
-    config: UNetConfig
-    model: torch.nn.Module
-    forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    weights: LossWeights
-    amp_dtype: torch.dtype | None
-    total_steps: int
-    logger: RunLogger | None = None
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    epoch_len: int = 0  # batches in the current epoch
-    skipped_before: int = 0  # bad samples met in earlier epochs, all ranks
-    skipped_this_epoch: int = 0
-    best_loss: float = math.inf
-    last_validated: int = -1
-    signum: int = 0  # the stop signal every rank has agreed on, 0 while none
-    baselines_logged: bool = False
-    window: Window = field(default_factory=Window)
-
-    def say(self, message: str) -> None:
-        if self.ctx.is_main:
-            tqdm.write(message)
 
 
 def validate(run: Run) -> None:
@@ -105,31 +64,6 @@ def validate(run: Run) -> None:
         run.best_loss = result["loss"]
         if run.ctx.is_main:
             checkpoint.save(run.out / "best.pt", checkpoint.snapshot(run))
-
-
-def log_window(run: Run, loader, terms: dict, bar: tqdm) -> None:
-    """One metrics.jsonl line (and progress-bar figures) for the steps since the last one.
-
-    Besides data_wait (the share of the time the loop waited for a batch), it says where this
-    rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
-    milliseconds per sample (summed over the workers: read = tar stream and shuffle buffer,
-    decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
-    step shows whether the data or the model held it up, and which stage of the data.
-    """
-    window = run.window
-    window.take_loader_stats(loader)
-    loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
-        [float(window.loss), window.samples, len(loader.skipped)])
-    seconds = window.seconds()
-    local_samples = max(window.samples, 1)
-    record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
-              **{k: float(v) for k, v in (terms or {}).items()}, "lr": run.scheduler.get_last_lr()[0],
-              "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
-              **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in ("read", "decode", "fit")},
-              "skipped": int(run.skipped_before + run.skipped_this_epoch)}
-    run.logger.log("train", run.step, record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-    run.window = window.next()
 
 
 def stop_now(run: Run, started: float) -> bool:
@@ -246,7 +180,7 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     run.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
             f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
     started, stop = time.monotonic(), False
-    run.window = Window()
+    run.window = Window()  # from now: setup and resume are not in the first samples/s
     # Closed however the loop ends, so an error line does not land on the end of a progress bar.
     with tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True) as bar:
         while run.step < total_steps and not stop:

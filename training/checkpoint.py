@@ -85,7 +85,7 @@ def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
         )
 
 
-# --- train.py's run (its Run record) to a checkpoint and back --------------------------
+# --- train.py's run (a training.run.Run) to a checkpoint and back ----------------------
 def snapshot(run) -> dict:
     """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
     at_epoch_end = run.batch_in_epoch >= run.epoch_len

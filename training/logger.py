@@ -4,6 +4,8 @@ import json
 import time
 from pathlib import Path
 
+from training import distributed
+
 try:
     from torch.utils.tensorboard import SummaryWriter
 except ImportError:  # tensorboard is optional
@@ -70,3 +72,29 @@ class RunLogger:
             self.file.close()
         if self.writer:
             self.writer.close()
+
+
+def log_window(run, loader, terms: dict | None, bar) -> None:
+    """One metrics.jsonl line (and progress-bar figures) for `run`'s steps since the last one
+    (a training.run.Run; `terms` the last step's loss terms, `bar` its tqdm bar).
+
+    Besides data_wait (the share of the time the loop waited for a batch), it says where this
+    rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
+    milliseconds per sample (summed over the workers: read = tar stream and shuffle buffer,
+    decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
+    step shows whether the data or the model held it up, and which stage of the data.
+    """
+    window = run.window
+    window.take_loader_stats(loader)
+    loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
+        [float(window.loss), window.samples, len(loader.skipped)])
+    seconds = window.seconds()
+    local_samples = max(window.samples, 1)
+    record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
+              **{k: float(v) for k, v in (terms or {}).items()}, "lr": run.scheduler.get_last_lr()[0],
+              "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
+              **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in Window.STAGES},
+              "skipped": int(run.skipped_before + run.skipped_this_epoch)}
+    run.logger.log("train", run.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    run.window = window.next()
