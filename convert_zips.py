@@ -20,13 +20,12 @@ import time
 from tqdm import tqdm
 
 from pipeline import schema
-from pipeline.schema import replace_durably
+from pipeline.schema import TEMPORARY, replace_durably
 from seedzips import tarwriter
 from seedzips.errors import ConvertError
 from seedzips.index import index_dataset
 
 MANIFEST_VERSION = 2  # 2: every shard has an index beside it, listed in its entry
-TEMPORARY = ".tmp"  # suffix of a shard or manifest being written; renamed away when complete
 
 
 def _metadata(sample, index) -> bytes:
@@ -67,28 +66,19 @@ def _plan(index, shards, val_fraction, val_shards, seed) -> tuple[list, list]:
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_json(path: str, record: dict) -> None:
-    with open(path + TEMPORARY, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-        f.write("\n")
-    replace_durably(path + TEMPORARY, path)
+    schema.write_durably(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _write_index(out: str, name: str, index) -> dict:
     """Write shard `name`'s byte index beside it; return its manifest record."""
     data = schema.encode_index(index)
-    path = os.path.join(out, schema.index_name(name))
-    with open(path + TEMPORARY, "wb") as f:
-        f.write(data)
-    replace_durably(path + TEMPORARY, path)
-    return {"name": schema.index_name(name), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    schema.write_durably(os.path.join(out, schema.index_name(name)), data)
+    return {"name": schema.index_name(name), **schema.file_record(data)}
 
 
 def _index_intact(out: str, record) -> bool:
@@ -188,7 +178,7 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
 
         def finish(path: str, sha256: str, shard_index) -> None:
             name = os.path.basename(path)[: -len(TEMPORARY)]
-            entries[name] = {"bytes": os.path.getsize(path), "sha256": sha256,
+            entries[name] = {"bytes": shard_index.shard_bytes, "sha256": sha256,
                              "index": _write_index(out, name, shard_index)}
             replace_durably(path, os.path.join(out, name))
             _write_json(manifest_path, _manifest(header, plan, entries, index.skipped, False))

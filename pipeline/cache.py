@@ -23,13 +23,14 @@ from pipeline.streams import open_range
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_warned: set[str] = set()
+_uncacheable: set[str] = set()  # URLs this process found it cannot cache: read remotely from then on
 
 
-def _warn_once(url: str, message: str) -> None:
-    if url not in _warned:
-        _warned.add(url)
-        log.warning("%s: %s", url, message)
+def _give_up(url: str, reason: str) -> None:
+    """Mark `url` uncacheable for this process, saying why once."""
+    if url not in _uncacheable:
+        _uncacheable.add(url)
+        log.warning("%s: %s", url, reason)
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -76,18 +77,18 @@ def fetch(cache_dir: str, url: str, name: str, expected: dict | None, storage_op
     None when it cannot be cached (the caller reads it remotely). Raises PipelineError when
     the download itself fails (like any remote read)."""
     if not expected or "sha256" not in expected or "bytes" not in expected:
-        _warn_once(url, "not cached: the manifest gives no size and sha256 to check a copy against")
+        _give_up(url, "not cached: the manifest gives no size and sha256 to check a copy against")
         return None
     if (hit := lookup(cache_dir, name, expected)) is not None:
         return hit
-    if url in _warned:
-        return None  # found uncacheable once: this process reads it remotely from now on
+    if url in _uncacheable:
+        return None
     final = os.path.join(cache_dir, cached_name(name, expected))
     part = final + ".part"
     try:
         lock = os.open(final + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        _warn_once(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
+        _give_up(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
         return None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
@@ -96,13 +97,13 @@ def fetch(cache_dir: str, url: str, name: str, expected: dict | None, storage_op
         try:
             size, sha256 = _download(url, part, storage_options, retries, retry_wait)
             if (size, sha256) != (expected["bytes"], expected["sha256"]):
-                _warn_once(url, f"not cached: {size} bytes with sha256 {sha256[:12]}..., the manifest "
+                _give_up(url, f"not cached: {size} bytes with sha256 {sha256[:12]}..., the manifest "
                                 f"says {expected['bytes']} bytes, {expected['sha256'][:12]}...")
                 return None
             schema.replace_durably(part, final)
             return final
         except OSError as error:  # the cache's disk (full, read-only): reading remotely still works
-            _warn_once(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
+            _give_up(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
             return None
         finally:
             if os.path.exists(part):

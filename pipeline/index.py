@@ -13,7 +13,6 @@ shard to index it costs one pass over its bytes; the result is the same bytes wh
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -78,11 +77,6 @@ def build_index(url: str, storage_options: dict | None = None, *, retries: int =
     return schema.ShardIndex(keys, offsets, stream.count)
 
 
-def record(data: bytes) -> dict:
-    """What a manifest says of an index file: its size and sha256."""
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def load_index(url: str, storage_options: dict | None = None, *, expected: dict | None = None,
                cache_dir: str | None = None, retries: int = 5, retry_wait: float = 1.0) -> schema.ShardIndex | None:
     """The index beside shard `url`, or None (with a warning saying why) when there is none
@@ -102,10 +96,16 @@ def load_index(url: str, storage_options: dict | None = None, *, expected: dict 
                 _warned_missing.add(location)
                 log.warning("%s: listed in the manifest but missing; reading the shard without it", location)
             return None
-        if expected and "sha256" in expected and record(data)["sha256"] != expected["sha256"]:
+        if expected and "sha256" in expected and schema.file_record(data)["sha256"] != expected["sha256"]:
             log.warning("%s: not the index the manifest lists (sha256 differs); reading the shard without it",
                         location)
             return None
+    return decoded(location, data)
+
+
+def decoded(location: str, data: bytes) -> schema.ShardIndex | None:
+    """The index file at `location` whose bytes are `data`, or None (with a warning) when it
+    cannot be used."""
     try:
         return schema.decode_index(data)
     except ValueError as error:
@@ -128,9 +128,7 @@ def _write(url: str, data: bytes, out: str | None, storage_options: dict | None)
                                 "use --out DIR and upload the index files beside the shards") from None
         return target
     try:
-        with open(target + ".tmp", "wb") as f:
-            f.write(data)
-        schema.replace_durably(target + ".tmp", target)
+        schema.write_durably(target, data)
     except OSError as error:
         raise PipelineError(f"cannot write {target}: {error.strerror or error}") from None
     return target

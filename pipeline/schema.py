@@ -4,6 +4,7 @@ Every part of the project (generator, converter, pipeline, training, tests) impo
 names instead of spelling them out, so the format is defined in exactly one place.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -76,6 +77,7 @@ IMAGE_MEMBERS = (BG, BGFG, MASK, DEPTH)
 MEMBERS = IMAGE_MEMBERS + (META,)  # the order members are written in
 
 MANIFEST = "manifest.json"
+TEMPORARY = ".tmp"  # suffix of a file being written; renamed away when complete
 TRAIN_PREFIX = "batch"
 VAL_PREFIX = "val"
 
@@ -138,6 +140,18 @@ def decode_index(data: bytes) -> ShardIndex:
 
 
 # --- How files of the contract appear (shards, indexes, manifests, checkpoints, cache) ----
+def file_record(data: bytes) -> dict:
+    """What a manifest says of a file: its size and sha256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """Write `data` to `path` through `path` + TEMPORARY and replace_durably."""
+    with open(path + TEMPORARY, "wb") as f:
+        f.write(data)
+    replace_durably(path + TEMPORARY, path)
+
+
 def replace_durably(temporary: str, final: str) -> None:
     """Give a fully written temporary file its final name, so that a crash or power loss at
     any moment leaves either the old file or the whole new one, never a torn one: the data

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pipeline import cache, schema
 from pipeline.clients import is_local
 from pipeline.errors import PipelineError
-from pipeline.index import index_url, load_index, record
+from pipeline.index import decoded, index_url, load_index
 from pipeline.sources import count_local_samples, explicit_sizes, manifest_entries, shard_basename
 from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import BLOCK, TarFormatError, iter_members
@@ -145,15 +145,19 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
                             storage_options, lambda key, suffix: suffix in wanted, retries, retry_wait)
 
 
-def _discover(url: str, storage_options, retries: int, retry_wait: float) -> dict | None:
-    """The record of the index beside a shard the manifest does not describe, or None (with
-    one warning per process naming the shard)."""
-    data = read_whole(index_url(url), storage_options, retries=retries, retry_wait=retry_wait)
-    if data is None and url not in _warned_no_index:
-        _warned_no_index.add(url)
-        log.warning("%s has no index beside it: every worker reading part of it streams it from its "
-                    "first byte (python -m pipeline.index makes one)", url)
-    return None if data is None else record(data)
+def _discover(url: str, storage_options, retries: int, retry_wait: float) -> tuple[dict | None, schema.ShardIndex | None]:
+    """(its record, for the workers to check it against; the index itself) of the index beside
+    a shard the manifest does not describe, or (None, None) with one warning per process naming
+    the shard."""
+    location = index_url(url)
+    data = read_whole(location, storage_options, retries=retries, retry_wait=retry_wait)
+    if data is None:
+        if url not in _warned_no_index:
+            _warned_no_index.add(url)
+            log.warning("%s has no index beside it: every worker reading part of it streams it from its "
+                        "first byte (python -m pipeline.index makes one)", url)
+        return None, None
+    return schema.file_record(data), decoded(location, data)
 
 
 def prepare_shards(urls: list[str], storage_options: dict | None = None, explicit=None, *,
@@ -170,12 +174,13 @@ def prepare_shards(urls: list[str], storage_options: dict | None = None, explici
     counts = explicit_sizes(urls, explicit) if explicit is not None else [None] * len(urls)
     shards = []
     for url, entry, count in zip(urls, entries, counts):
-        index = (entry or {}).get("index") or _discover(url, storage_options, retries, retry_wait)
+        index, found = (entry or {}).get("index"), None
+        if index is None:
+            index, found = _discover(url, storage_options, retries, retry_wait)
         if count is None and entry is not None:
             count = int(entry["samples"])
-        if count is None and index is not None:
-            found = load_index(url, storage_options, expected=index, retries=retries, retry_wait=retry_wait)
-            count = None if found is None else len(found.keys)
+        if count is None and found is not None:
+            count = len(found.keys)
         if count is None and is_local(url):
             count = count_local_samples(url)
         if count is None:

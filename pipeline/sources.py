@@ -21,7 +21,8 @@ from pipeline.tarstream import TarFormatError, iter_members
 _GLOB_CHARS = "*?["
 
 
-def _is_local(url: str) -> bool:
+def _is_path(url: str) -> bool:
+    """A plain file path, no scheme (file:// included): what os.path and glob take as it is."""
     return "://" not in url
 
 
@@ -39,10 +40,10 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
         matches = []
         for url in braceexpand.braceexpand(pattern):
             if not any(c in url for c in _GLOB_CHARS):
-                if _is_local(url) and not os.path.exists(url):
+                if _is_path(url) and not os.path.exists(url):
                     raise PipelineError(f"no such shard: {url} (from pattern {pattern!r})")
                 matches.append(url)
-            elif _is_local(url):
+            elif _is_path(url):
                 matches.extend(sorted(glob.glob(url)))
             else:
                 try:
@@ -58,7 +59,7 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
 
 def shard_basename(url: str) -> str:
     """A shard's file name, without the folder and any query (a presigned URL's signature)."""
-    return posixpath.basename(urllib.parse.urlsplit(url).path if not _is_local(url) else url)
+    return posixpath.basename(urllib.parse.urlsplit(url).path if not _is_path(url) else url)
 
 
 def shard_folder(url: str) -> str:
@@ -67,7 +68,7 @@ def shard_folder(url: str) -> str:
     A query string (`.../batch-1.tar?X-Amz-Signature=...`) belongs to the object, not to the
     folder, and is dropped.
     """
-    if _is_local(url):
+    if _is_path(url):
         return (posixpath.dirname(url) or ".") if url.endswith(".tar") else url.rstrip("/")
     parts = urllib.parse.urlsplit(url)
     if not parts.path.endswith(".tar"):
@@ -89,7 +90,7 @@ def read_manifest(url: str, storage_options: dict | None = None, *, retries: int
         raise PipelineError(f"{manifest_url}: not valid JSON ({error})") from None
 
 
-def _by_name(manifest: dict) -> dict[str, dict]:
+def shard_entries(manifest: dict) -> dict[str, dict]:
     """Shard name -> its manifest entry (the manifest's "shards" map or list)."""
     shards = manifest.get("shards", {})
     if isinstance(shards, dict):
@@ -107,7 +108,7 @@ def manifest_entries(urls: list[str], storage_options: dict | None = None, **ret
         folder = shard_folder(url)
         if folder not in by_folder:
             manifest = read_manifest(url, storage_options, **retrying)
-            by_folder[folder] = _by_name(manifest) if manifest else {}
+            by_folder[folder] = shard_entries(manifest) if manifest else {}
         entries.append(by_folder[folder].get(shard_basename(url)))
     return entries
 

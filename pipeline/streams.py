@@ -28,9 +28,11 @@ _READ_CHUNK = 1 << 20
 _warned_no_range: set[str] = set()
 
 
-class _Local:
-    def __init__(self, path: str, start: int, end: int | None):
-        self.file = open(path, "rb")
+class _Seeking:
+    """A local or other seekable file from `start` to its end (the caller stops at its range's)."""
+
+    def __init__(self, file, start: int):
+        self.file = file
         self.file.seek(start)
 
     def read(self, size: int) -> bytes:
@@ -126,28 +128,16 @@ class _Chunked:
         self.chunk = memoryview(b"")
 
 
-class _FileObject:
-    def __init__(self, fs, path: str, start: int, end: int | None):
-        self.file = fs.open(path, "rb")
-        self.file.seek(start)
-
-    def read(self, size: int) -> bytes:
-        return self.file.read(size)
-
-    def close(self):
-        self.file.close()
-
-
 def _source(url: str, storage_options: dict | None, start: int, end: int | None):
     if is_local(url):
-        return _Local(url.removeprefix("file://"), start, end)
+        return _Seeking(open(url.removeprefix("file://"), "rb"), start)
     fs, path = client(url, storage_options)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & {"http", "https"}:
         return _Http(fs, path, start, end)
     if isinstance(fs, fsspec.asyn.AsyncFileSystem):
         return _Chunked(fs, path, start, end)
-    return _FileObject(fs, path, start, end)
+    return _Seeking(fs.open(path, "rb"), start)
 
 
 class RetryingStream(io.RawIOBase):

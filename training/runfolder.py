@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline import PipelineError, expand_urls, read_manifest, schema
-from pipeline.sources import shard_folder
+from pipeline.sources import shard_entries, shard_folder
 
 from . import UserError
 from .distributed import Context, fail_together
@@ -93,10 +93,8 @@ def claim_run_folder(out: Path, *, resume: bool, ctx: Context):
 
 
 def _val_names_in(manifest: dict) -> list[str]:
-    """Validation shard names in a converter manifest (its "shards" list or name -> entry map)."""
-    shards = manifest.get("shards", {})
-    entries = shards.items() if isinstance(shards, dict) else ((entry["name"], entry) for entry in shards)
-    return [name for name, entry in entries if entry.get("split") == schema.VAL_SPLIT]
+    """Validation shard names in a converter manifest."""
+    return [name for name, entry in shard_entries(manifest).items() if entry.get("split") == schema.VAL_SPLIT]
 
 
 def find_val_shards(train_urls: list[str], val_pattern: str | None, storage_options) -> list[str]:
