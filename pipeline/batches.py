@@ -21,7 +21,7 @@ import torch
 from pipeline import batchmemory
 from pipeline.augment import draw, sample_rng
 from pipeline.batchmemory import AUG, SharedBatches
-from pipeline.decode import BadSample, Decoder, check
+from pipeline.decode import CHANNELS, BadSample, Decoder, check
 from pipeline.errors import PipelineError
 from pipeline.plan import Slot, batch_index
 from pipeline.shardreader import read_samples
@@ -31,7 +31,6 @@ from pipeline.shardreader import read_samples
 class StreamConfig:
     """What every slot of one loader shares."""
 
-    urls: tuple[str, ...]
     batch_size: int
     image_size: int
     train: bool
@@ -42,8 +41,8 @@ class StreamConfig:
     storage_options: dict
     retries: int
     retry_wait: float
-    shards: tuple = ()  # shardreader.ShardInfo per URL
-    cache_dir: str | None = None
+    shards: tuple  # shardreader.ShardInfo per shard, in the plan's order
+    cache_dir: str | None
 
 
 @dataclass
@@ -58,7 +57,6 @@ class Record:
     generation: int
     epoch: int
     index: int  # the batch's position in its rank's epoch
-    count: int = 0
     keys: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -67,6 +65,10 @@ class Record:
     fresh: torch.Tensor | None = None
     pinned: dict | None = None  # the fields, copied to pinned memory by pin_memory()
     error: str | None = None  # set on a worker's last record when its storage failed
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
 
     def pin_memory(self, *_):
         """Called by DataLoader's pin-memory thread (main process): copy the batch to
@@ -81,9 +83,9 @@ class Record:
 
 def _samples(slot: Slot, config: StreamConfig):
     for shard, start, stop in slot.ranges:
-        yield from read_samples(config.urls[shard], start, stop, config.storage_options,
-                                retries=config.retries, retry_wait=config.retry_wait,
-                                info=config.shards[shard] if config.shards else None, cache_dir=config.cache_dir)
+        info = config.shards[shard]
+        yield from read_samples(info.url, start, stop, config.storage_options, retries=config.retries,
+                                retry_wait=config.retry_wait, info=info, cache_dir=config.cache_dir)
 
 
 def _shuffled(samples, size: int, rng: random.Random):
@@ -141,7 +143,7 @@ class _SlotStream:
                 check(sample.members)
             else:
                 n = len(keys)
-                self.decoder.decode_into(sample.members, {name: arrays[name][n] for name in batchmemory.CHANNELS})
+                self.decoder.decode_into(sample.members, {name: arrays[name][n] for name in CHANNELS})
                 if self.config.train:
                     started = time.perf_counter()
                     arrays[AUG][n] = draw(sample_rng(self.config.seed, self.epoch, sample.key))
@@ -166,8 +168,7 @@ class _SlotStream:
                 raise
             after = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
             seconds = {stage: b - a for stage, a, b in zip(("read", "decode", "fit"), before, after)}
-            yield Record(generation, self.epoch, batch_index(i, self.worker, self.config.workers), len(keys),
-                         keys, skipped, seconds, memory.token, buffer.slot, buffer.fresh)
+            yield Record(generation, self.epoch, batch_index(i, self.worker, self.config.workers), keys, skipped, seconds, memory.token, buffer.slot, buffer.fresh)
 
 
 def slot_records(slot: Slot, worker: int, config: StreamConfig, epoch: int, *, decoder: Decoder,

@@ -14,6 +14,7 @@ slots are all busy (a consumer that keeps many batches, such as ``list(loader)``
 shared memory for that batch instead: slower, never a wait.
 """
 
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ import torch
 
 from pipeline import schema
 from pipeline.augment import AUG_FIELDS
+from pipeline.decode import CHANNELS
 
 # Batch fields (the API) of the four shard images, their channels, and the draws' field.
 FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
-CHANNELS = {schema.BG: 3, schema.BGFG: 3, schema.MASK: 1, schema.DEPTH: 1}
 AUG = "aug"
 _ALIGN = 64  # every field starts on a cache line (and the float32 draws on a 4-byte boundary)
 _tokens = itertools.count()
@@ -41,34 +42,36 @@ class Layout:
     image_size: int
     train: bool
 
-    def fields(self) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
-        """name -> (byte offset, shape, dtype) for the images (by member name) and the draws."""
+    @functools.cached_property
+    def fields(self) -> dict[str, tuple[int, int, tuple[int, ...], np.dtype]]:
+        """name -> (byte offset, byte size, shape, dtype) for the images (by member name) and
+        the draws."""
         shapes = {name: ((self.batch_size, self.image_size, self.image_size, channels), np.dtype(np.uint8))
                   for name, channels in CHANNELS.items()}
         if self.train:
             shapes[AUG] = ((self.batch_size, len(AUG_FIELDS)), np.dtype(np.float32))
         fields, offset = {}, 0
         for name, (shape, dtype) in shapes.items():
-            fields[name] = (offset, shape, dtype)
-            offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+            size = int(np.prod(shape)) * dtype.itemsize
+            fields[name] = (offset, size, shape, dtype)
+            offset += -(-size // _ALIGN) * _ALIGN
         return fields
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        offset, shape, dtype = list(self.fields().values())[-1]
-        return offset + int(np.prod(shape)) * dtype.itemsize
+        offset, size, _, _ = list(self.fields.values())[-1]
+        return offset + size
 
     def arrays(self, memory: np.ndarray) -> dict[str, np.ndarray]:
         """Writable numpy views of one batch's fields in `memory` (its slot's bytes)."""
-        return {name: memory[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
-                for name, (offset, shape, dtype) in self.fields().items()}
+        return {name: memory[offset:offset + size].view(dtype).reshape(shape)
+                for name, (offset, size, shape, dtype) in self.fields.items()}
 
     def tensors(self, memory: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
         """The batch fields of the first `count` samples, as views of `memory` (a 1-d uint8
         tensor over the slot): images [count,C,H,W] (channels-last in memory), draws [count,8]."""
         batch = {}
-        for name, (offset, shape, dtype) in self.fields().items():
-            size = int(np.prod(shape)) * dtype.itemsize
+        for name, (offset, size, shape, dtype) in self.fields.items():
             field = memory[offset:offset + size]
             if name == AUG:
                 batch[AUG] = field.view(torch.float32).view(shape)[:count]

@@ -63,8 +63,9 @@ class _EpochStreams:
     pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
     epoch e; any other pass makes its one epoch and stops (nothing read for nothing)."""
 
-    def __init__(self, sizes: list[int], world_size: int, config: StreamConfig):
-        self.sizes, self.world_size, self.config = sizes, world_size, config
+    def __init__(self, world_size: int, config: StreamConfig):
+        self.sizes = [shard.samples for shard in config.shards]
+        self.world_size, self.config = world_size, config
         self._decoder = None  # one per process: made where it runs
 
     def plan(self, epoch: int):
@@ -116,13 +117,12 @@ class Pipeline:
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         shards = prepare_shards(url_list, storage_options, shard_sizes, retries=retries, retry_wait=retry_wait,
                                 cache_dir=cache_dir)
-        sizes = [shard.samples for shard in shards]
-        config = StreamConfig(tuple(url_list), batch_size, image_size, train, seed, rank, max(workers, 1),
-                              shuffle_buffer, storage_options, retries, retry_wait, tuple(shards), cache_dir)
-        self.streams = _EpochStreams(sizes, world_size, config)
+        config = StreamConfig(batch_size, image_size, train, seed, rank, max(workers, 1), shuffle_buffer,
+                              storage_options, retries, retry_wait, tuple(shards), cache_dir)
+        self.streams = _EpochStreams(world_size, config)
         plan = self.streams.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
-            raise PipelineError(f"{sum(sizes)} samples in {urls!r} cannot fill one batch of "
+            raise PipelineError(f"{sum(self.streams.sizes)} samples in {urls!r} cannot fill one batch of "
                                 f"{batch_size} on each of {world_size} ranks")
         self.batches_per_epoch, self.samples_per_epoch = plan.batches_per_rank, plan.samples_per_rank[rank]
         self.train, self.workers = train, workers
@@ -136,8 +136,6 @@ class Pipeline:
         """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
         on into epoch + 1 while this one ends; pass False for a run's last epoch, so that no
         batch of an epoch nobody asks for is read and made."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise PipelineError(f"start_batch {start_batch} is outside the epoch's {self.batches_per_epoch} batches")
         return Loader(self, epoch, start_batch, chain=chain)
 
     def close(self) -> None:
@@ -218,6 +216,8 @@ class Loader:
 
     def __init__(self, pipeline: Pipeline, epoch: int, start_batch: int, *, chain: bool = False,
                  close_after: bool = False):
+        if not 0 <= start_batch <= pipeline.batches_per_epoch:
+            raise PipelineError(f"start_batch {start_batch} is outside the epoch's {pipeline.batches_per_epoch} batches")
         self.pipeline, self.epoch, self.start_batch = pipeline, epoch, start_batch
         self._chain, self._close_after = chain, close_after
         self.batches_per_epoch, self.num_samples = pipeline.batches_per_epoch, pipeline.samples_per_epoch
@@ -291,6 +291,4 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
                         seed=seed, storage_options=storage_options, rank=rank, world_size=world_size,
                         pin_memory=pin_memory, shuffle_buffer=shuffle_buffer, shard_sizes=shard_sizes,
                         retries=retries, retry_wait=retry_wait, cache_dir=cache_dir)
-    if not 0 <= start_batch <= pipeline.batches_per_epoch:
-        raise PipelineError(f"start_batch {start_batch} is past the epoch's {pipeline.batches_per_epoch} batches")
     return Loader(pipeline, epoch, start_batch, close_after=True)

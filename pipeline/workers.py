@@ -83,7 +83,7 @@ class PassControl:
         closes (False)."""
         while not self._values[_CLOSING] and self._values[_GENERATION] == generation:
             self._doorbells[worker].acquire(timeout=_PARENT_CHECK_SECONDS)
-            if os.getppid() != self._parent and get_worker_info() is not None:
+            if os.getppid() != self._parent:
                 return False  # the main process died: end this worker, as DataLoader's watchdog would
         return not self._values[_CLOSING]
 
@@ -118,9 +118,8 @@ class _Streams(IterableDataset):
         super().__init__()
         self.control, self.make_stream = control, make_stream
 
-    def __iter__(self):
-        info = get_worker_info()
-        return _WorkerLoop(self.control, self.make_stream, 0 if info is None else info.id, wait=True)
+    def __iter__(self):  # in a DataLoader worker: the pool makes no _Streams without workers
+        return _WorkerLoop(self.control, self.make_stream, get_worker_info().id, wait=True)
 
 
 def _as_is(record):
