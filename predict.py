@@ -34,7 +34,7 @@ from pipeline import PipelineError, schema
 from pipeline.shardreader import read_samples
 from training import UserError
 from training.checkpoint import load, model_from_checkpoint
-from training.options import POSITIVE_INT, OneLineParser, check_device, storage_option
+from training.options import POSITIVE_INT, OneLineParser, check_device, storage_option, uses_cuda
 from training.preflight import check_memory, probe_shard
 from training.visual import colorize_depth
 
@@ -167,8 +167,7 @@ def run(args) -> int:
         check_image_size(image_size, model.config)
     except ValueError as err:
         raise UserError(f"--image-size: {err}") from None
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda" if uses_cuda(args.device) else "cpu")
     check_memory(model.config, image_size, 1, device, training=False, options=f"--image-size {image_size}")
     model = model.to(device).eval()
     out = Path(args.out)

@@ -35,35 +35,47 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
-from pipeline import Pipeline, PipelineError, expand_urls
+from pipeline import PipelineError
 from training import UserError, baselines, checkpoint, distributed, preflight, signals
 from training.logger import RunLogger, Window, log_window
-from training.options import parse_args
+from training.options import LOSS_TERMS, parse_args
 from training.run import Run
-from training.runfolder import claim_run_folder, find_val_shards
+from training.runfolder import claim_run_folder
 from training.steps import amp_dtype_for, evaluate, prepare_batch, train_step, warmup_cosine
 from training.visual import save_preview
 
 
-def validate(run: Run) -> None:
-    """Score the validation shards, log and preview the result, keep best.pt."""
+def validate(run: Run) -> bool:
+    """Score the validation shards, log and preview the result; True when it is the best yet
+    (the caller saves best.pt)."""
+    # Once per run: what predicting without looking scores, judged in the model's own pass.
+    scorer = None
+    if not run.baselines_logged:
+        scorer = baselines.Scorer(baselines.fit(run.train_urls, run.loader_args, run.ctx.device), run.ctx.device)
     result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
-                               channels_last=True, weights=run.weights, previews=run.args.previews)
-    if not run.baselines_logged:  # once per run: what predicting without looking scores
-        fitted = baselines.fit(run.train_urls, run.loader_args, run.ctx.device)
-        scores = baselines.score(fitted, run.val_data.epoch(0), run.ctx.device)
-        run.logger.log("baseline", run.step, {"fit_samples": fitted.samples, **scores})
-        run.say(baselines.summary(scores, fitted.samples, result["rmse"]))
+                               channels_last=True, weights=run.weights, previews=run.args.previews, also=scorer)
+    if scorer is not None:
+        scores = scorer.compute()
+        run.logger.log("baseline", run.step, {"fit_samples": scorer.baselines.samples, **scores})
+        run.say(baselines.summary(scores, scorer.baselines.samples, result["rmse"]))
         run.baselines_logged = True
     run.logger.log("val", run.step, {"epoch": run.epoch, **result})
     run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if run.ctx.is_main and preview is not None:
         save_preview(run.out / "previews" / f"step-{run.step}.png", *preview)
     run.last_validated = run.step
-    if result["loss"] < run.best_loss:
-        run.best_loss = result["loss"]
-        if run.ctx.is_main:
-            checkpoint.save(run.out / "best.pt", checkpoint.snapshot(run))
+    improved = result["loss"] < run.best_loss
+    run.best_loss = min(run.best_loss, result["loss"])
+    return improved
+
+
+def save_checkpoints(run: Run, *, best: bool, last: bool) -> None:
+    """best.pt and/or last.pt (rank 0), from one snapshot when both are due at this step."""
+    if run.ctx.is_main and (best or last):
+        state = checkpoint.snapshot(run)
+        for due, name in ((best, "best.pt"), (last, "last.pt")):
+            if due:
+                checkpoint.save(run.out / name, state)
 
 
 def stop_now(run: Run, started: float) -> bool:
@@ -79,7 +91,7 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
     """Train on `loader`'s batches until the epoch or the step budget ends, validating and
     saving on schedule. Returns True when the run must stop (time budget spent, or a signal)."""
     args, ctx = run.args, run.ctx
-    run.epoch_len, run.skipped_this_epoch = len(loader) + run.batch_in_epoch, 0
+    run.skipped_this_epoch = 0
     stop = exhausted = False
     terms = None
     run.window.follow(loader)
@@ -98,22 +110,21 @@ def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
         run.scheduler.step()
         run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
         run.window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
-        run.window.steps, run.window.samples = run.window.steps + 1, run.window.samples + x.shape[0]
+        run.window.samples += x.shape[0]
         stop = stop_now(run, started)
         last = run.step == run.total_steps or stop
         if run.step % args.log_every == 0 or last:
             log_window(run, loader, terms, bar)
         bar.update(1)
         # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
+        improved = False
         if run.val_data and (run.step % args.val_every == 0 or last) and not run.signum:
             try:
-                validate(run)
+                improved = validate(run)
             except (UserError, PipelineError):  # the steps since the last save are not lost with it
-                if ctx.is_main:
-                    checkpoint.save(run.out / "last.pt", checkpoint.snapshot(run))
+                save_checkpoints(run, best=False, last=True)
                 raise
-        if ctx.is_main and (run.step % args.save_every == 0 or last):
-            checkpoint.save(run.out / "last.pt", checkpoint.snapshot(run))
+        save_checkpoints(run, best=improved, last=run.step % args.save_every == 0 or last)
     if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
         signals.stop_workers()
     run.window.take_loader_stats(loader)
@@ -128,18 +139,13 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     """The whole run (OUT already claimed); returns the stop signal agreed on, or 0."""
     # --- setup: data, and the checks that need it or the device --------------------------
     out = Path(args.out)
-    train_urls = expand_urls(args.shards, args.storage_options)
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        seed=args.seed, storage_options=args.storage_options, retries=args.retries,
                        cache_dir=args.cache_dir, pin_memory=ctx.device.type == "cuda")
-    # Made once: their workers live for the whole run (epochs and validations reuse them), and
-    # making them reads the manifests and opens a first shard, so bad shards fail here, before
-    # the first step. The epoch length raises when a rank gets no batch.
-    train_data = Pipeline(train_urls, train=True, **loader_args)
-    steps_per_epoch = train_data.batches_per_epoch
-    val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
     amp_dtype = amp_dtype_for(args.amp, ctx.device)
-    val_data = preflight.check_training(args, ctx, val_urls, loader_args, amp_dtype)
+    # Their workers live for the whole run: epochs and validations reuse them.
+    train_urls, train_data, val_urls, val_data = preflight.check_training(args, ctx, loader_args, amp_dtype)
+    steps_per_epoch = train_data.batches_per_epoch
     if ctx.is_main:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
 
@@ -164,7 +170,7 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
               optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(warmup, 1), schedule_steps)),
               scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
-              weights=LossWeights(args.w_bce, args.w_dice, args.w_l1, args.w_ssim, args.w_grad),
+              weights=LossWeights(**{term: getattr(args, f"w_{term}") for term in LOSS_TERMS}),
               amp_dtype=amp_dtype, total_steps=total_steps)
     run.say(f"model: U-Net {config.to_dict()}, {count_parameters(model):,} parameters")
 
@@ -192,7 +198,7 @@ def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
 
     # --- final evaluation and checkpoint ---------------------------------------------------
     if val_data and run.last_validated != run.step and not run.signum:
-        validate(run)
+        save_checkpoints(run, best=validate(run), last=False)
     run.logger.close()
     for data in (train_data, val_data):  # (an early exit leaves this to their garbage collection)
         if data is not None:

@@ -85,7 +85,7 @@ def test_whole_shard_gives_every_sample_and_no_warning(checkpoint, shard_dir, tm
     manifest = json.loads((shard_dir / schema.MANIFEST).read_text())
     (expected,) = [e["samples"] for e in manifest["shards"] if e["name"] == "val-1.tar"]
     assert len(list(out.iterdir())) == expected
-    assert "skipping" not in capsys.readouterr().err
+    assert "predict.py: skipped" not in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys):

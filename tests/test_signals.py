@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from servers import free_port
-from test_train import ROOT, TINY, run_train, weights
+from test_train import ROOT, TINY, assert_same_weights, run_train
 from training.signals import DUPLICATE_WINDOW
 
 SCHEDULE = ["--steps", "10000"]  # far more than a test runs: it is stopped by a signal
@@ -99,13 +99,6 @@ def trained(out: Path) -> bool:
 
 def checkpoint_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["step"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = weights(a), weights(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # A terminal's Ctrl-C reaches the DataLoader workers too: they must leave it to train.py.

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import train
 from faults import file_size_limit
 from model import UNet, UNetConfig, total_loss
 from pipeline import Batch, PipelineError, make_loader, schema
+from servers import free_port
 from training import runfolder, steps
 from training.steps import prepare_batch
 
@@ -26,6 +26,14 @@ TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--workers", 
 
 def run_train(shard_dir, out, *extra):
     return train.main(["--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(out), *TINY, *extra])
+
+
+def assert_same_weights(a, b) -> None:
+    """Two checkpoints' weights agree (to float rounding: summation order may differ)."""
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def weights(path):
@@ -86,10 +94,7 @@ def test_three_steps_then_resume_three_equals_six_steps(shard_dir, tmp_path, wor
     # The interrupted run plans the same 6-step LR schedule, stops at 3, then resumes.
     assert run_train(shard_dir, tmp_path / "split", "--steps", "3", "--schedule-steps", "6", *common) == 0
     assert run_train(shard_dir, tmp_path / "split", "--steps", "6", "--resume", *common) == 0
-    whole, split = weights(tmp_path / "six" / "last.pt"), weights(tmp_path / "split" / "last.pt")
-    assert whole.keys() == split.keys()
-    for name in whole:
-        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(tmp_path / "six" / "last.pt", tmp_path / "split" / "last.pt")
     logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]  # no step trained twice
 
@@ -133,12 +138,6 @@ def test_torchrun_two_cpu_processes_finish_the_same_steps(shard_dir, tmp_path):
     assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["step"] == int(steps.pop())
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # case: (extra arguments, what the error line must name); the last of a repeated option wins.
 BAD_VALUES = {
     "lr-nan": (["--lr", "nan"], "--lr"),
@@ -175,7 +174,7 @@ def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, caps
     if case == "no-match":
         shards, named = f"{tmp_path}/missing-{{1..2}}.tar", "missing-1.tar"
     elif case == "unreachable":
-        port = _closed_port()
+        port = free_port()
         shards, named = f"http://127.0.0.1:{port}/batch-{{1..2}}.tar", f"127.0.0.1:{port}"
         extra += ["--retries", "0"]
     elif case == "unwritable":
@@ -191,7 +190,7 @@ def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, caps
         (tmp_path / "val-1.tar").write_bytes(b"")
         extra, named = ["--val-shards", str(tmp_path / "val-1.tar")], str(tmp_path / "val-1.tar")
     else:
-        url = f"http://127.0.0.1:{_closed_port()}/val-1.tar"
+        url = f"http://127.0.0.1:{free_port()}/val-1.tar"
         extra, named = ["--val-shards", url, "--retries", "0"], url
     args = ["--shards", shards, "--out", str(out), *TINY, "--steps", "2", *extra]  # last one wins
     assert train.main(args) == 2

@@ -15,6 +15,7 @@ import torch
 from model import SegDepthMetrics
 from pipeline import make_loader
 
+from . import UserError
 from .distributed import all_sum
 
 FIT_SAMPLES = 1024  # enough for a mean per row to settle to about 1/255 on these datasets
@@ -56,23 +57,39 @@ def fit(train_urls, loader_args: dict, device, limit: int = FIT_SAMPLES) -> Base
             break
     *row_sums, count = all_sum(row_sums.tolist() + [count])
     if not count:
-        raise ValueError("no training sample could be read to fit the baselines")
+        raise UserError("no training sample could be read to fit the baselines")
     row_mean = torch.tensor(row_sums, dtype=torch.float64) / (count * size)
     return Baselines(float(row_mean.mean()), row_mean.float(), int(count))
 
 
-@torch.no_grad()
-def score(baselines: Baselines, batches, device) -> dict[str, dict[str, float]]:
-    """Each predictor's metrics (SegDepthMetrics.compute) on this rank's eval `batches` (a
-    validation pass, e.g. Pipeline.epoch(0) of the val shards), all ranks together."""
-    metrics = {name: SegDepthMetrics(device) for name in NAMES}
-    for mask, depth in _targets(batches, device):
+class Scorer:
+    """Each predictor's metrics, batch by batch: update() with a batch's float targets (it can
+    ride along a model's validation pass: training.steps.evaluate's `also`), then compute()."""
+
+    def __init__(self, baselines: Baselines, device):
+        self.baselines = baselines
+        self.metrics = {name: SegDepthMetrics(device) for name in NAMES}
+
+    @torch.no_grad()
+    def update(self, mask: torch.Tensor, depth: torch.Tensor) -> None:
         no_object = torch.full_like(mask, -1.0)
-        for name, prediction in baselines.predict(depth).items():
-            metrics[name].update(no_object, prediction, mask, depth)
-    for accumulator in metrics.values():
-        accumulator.all_reduce()
-    return {name: accumulator.compute() for name, accumulator in metrics.items()}
+        for name, prediction in self.baselines.predict(depth).items():
+            self.metrics[name].update(no_object, prediction, mask, depth)
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """SegDepthMetrics.compute of each predictor, all ranks together."""
+        for accumulator in self.metrics.values():
+            accumulator.all_reduce()
+        return {name: accumulator.compute() for name, accumulator in self.metrics.items()}
+
+
+def score(baselines: Baselines, batches, device) -> dict[str, dict[str, float]]:
+    """Each predictor's metrics on this rank's eval `batches` (a validation pass, e.g.
+    Pipeline.epoch(0) of the val shards), all ranks together."""
+    scorer = Scorer(baselines, device)
+    for mask, depth in _targets(batches, device):
+        scorer.update(mask, depth)
+    return scorer.compute()
 
 
 def summary(scores: dict, fit_samples: int, model_rmse: float) -> str:

@@ -88,7 +88,7 @@ def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
 # --- train.py's run (a training.run.Run) to a checkpoint and back ----------------------
 def snapshot(run) -> dict:
     """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
-    at_epoch_end = run.batch_in_epoch >= run.epoch_len
+    at_epoch_end = run.batch_in_epoch >= run.train_data.batches_per_epoch
     return {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),

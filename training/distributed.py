@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import UserError
+from .options import uses_cuda
 
 _host_group = None  # the gloo group of all ranks for host numbers (None: the default group is gloo)
 
@@ -31,7 +32,7 @@ class Context:
 
 def setup(device_choice: str) -> Context:
     """Pick the device and, when started by torchrun (WORLD_SIZE > 1), join the process group."""
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    use_cuda = uses_cuda(device_choice)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))

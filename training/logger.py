@@ -13,14 +13,14 @@ except ImportError:  # tensorboard is optional
 
 
 class Window:
-    """Totals since the last log line: loss summed over samples (a device tensor), steps,
-    samples, data wait, and the loader's worker seconds per stage (`loader`: read, decode, fit)."""
+    """Totals since the last log line: loss summed over samples (a device tensor), samples,
+    data wait, and the loader's worker seconds per stage (`loader`: read, decode, fit)."""
 
     STAGES = ("read", "decode", "fit")
 
     def __init__(self):
         self.start = time.perf_counter()
-        self.loss, self.steps, self.samples, self.data_wait = 0.0, 0, 0, 0.0
+        self.loss, self.samples, self.data_wait = 0.0, 0, 0.0
         self.loader = dict.fromkeys(self.STAGES, 0.0)
         self._followed, self._seen = None, {}
 

@@ -66,6 +66,11 @@ def check_device(choice: str) -> None:
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
+def uses_cuda(choice: str) -> bool:
+    """Whether --device `choice` (auto, cpu, cuda) runs on CUDA here."""
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show a default only where it says something (not None/False/[], not already in the help)."""
 

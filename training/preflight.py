@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
-from pipeline import Pipeline, PipelineError, schema
+from pipeline import Pipeline, PipelineError, expand_urls, schema
 from pipeline.streams import open_range
 
 from . import UserError
 from .distributed import Context, fail_together
+from .runfolder import find_val_shards
 
 # Against the peak memory of real steps (CPU; widths 4-24, 224-1024 px, batches 1-8) the
 # estimate below came to 0.84-1.09 of it: a step also holds its input, gradients of activations
@@ -126,11 +127,19 @@ def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: t
                         f"{device} has {_gib(free)} free")
 
 
-def check_training(args, ctx: Context, val_urls: list[str], loader_args: dict, amp_dtype) -> Pipeline | None:
-    """train.py's checks before its first step, on every rank (a failure on one stops all);
-    returns the validation Pipeline they made (None without validation shards)."""
+def check_training(args, ctx: Context, loader_args: dict, amp_dtype):
+    """train.py's data and checks before its first step, on every rank (a failure on one stops
+    all: a shard listing, a manifest, a cache folder or a probe can fail on one node only).
+
+    Returns (training URLs, their Pipeline, validation URLs, their Pipeline or None). Made once:
+    the workers live for the whole run, and making a Pipeline reads the manifests and opens a
+    first shard, so bad shards fail here; so does a rank that gets no batch.
+    """
     with fail_together(ctx):
+        train_urls = expand_urls(args.shards, args.storage_options)
+        train_data = Pipeline(train_urls, train=True, **loader_args)
+        val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
         val_data = open_validation_shards(val_urls, loader_args)
         check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
                      amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
-    return val_data
+    return train_urls, train_data, val_urls, val_data

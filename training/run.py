@@ -41,7 +41,6 @@ class Run:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    epoch_len: int = 0  # batches in the current epoch
     skipped_before: int = 0  # bad samples met in earlier epochs, all ranks
     skipped_this_epoch: int = 0
     best_loss: float = math.inf

@@ -93,9 +93,11 @@ def train_step(forward, optimizer, scaler, x, mask, depth, *, weights: LossWeigh
 
 @torch.no_grad()
 def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
-             weights: LossWeights = LossWeights(), previews: int = 0):
+             weights: LossWeights = LossWeights(), previews: int = 0, also=None):
     """Score `model` on `batches` (this rank's share of a validation pass, e.g.
-    Pipeline.epoch(0) of the val shards; sums all-reduced across ranks).
+    Pipeline.epoch(0) of the val shards; sums all-reduced across ranks). `also`: an object
+    whose update(mask, depth) sees each batch's float targets too (training.baselines.Scorer),
+    so that it needs no pass of its own.
 
     Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, ssi_rmse, samples; preview
     tensors (bg, bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
@@ -103,7 +105,7 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
     was_training = model.training
     model.eval()
     metrics = SegDepthMetrics(device)
-    loss_sum, count, preview = 0.0, 0, None
+    loss_sum, count, preview = torch.zeros((), dtype=torch.float64, device=device), 0, None
     for batch in batches:
         if len(batch["key"]) == 0:  # a rank with fewer samples than batches gets empty ones
             continue
@@ -112,13 +114,15 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
             logits, depth_pred = model(x)
         loss, _ = total_loss(logits, depth_pred, mask, depth, weights)
         size = x.shape[0]
-        loss_sum, count = loss_sum + loss.item() * size, count + size
+        loss_sum, count = loss_sum + loss.detach().double() * size, count + size  # no sync per batch
         metrics.update(logits, depth_pred, mask, depth)
+        if also is not None:
+            also.update(mask, depth)
         if previews and preview is None:
             preview = (batch["bg"][:previews].clone(), batch["bgfg"][:previews].clone(), mask[:previews],
                        logits[:previews].float(), depth[:previews], depth_pred[:previews].float())
     model.train(was_training)
     metrics.all_reduce()
-    loss_sum, count = all_sum([loss_sum, count])
+    loss_sum, count = all_sum([loss_sum.item(), count])
     result = {"loss": loss_sum / count if count else float("nan"), **metrics.compute(), "samples": int(count)}
     return result, preview
