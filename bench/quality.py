@@ -44,8 +44,8 @@ def make_shards(folder: Path, style: str) -> tuple[dict, float]:
     """(manifest, seconds) of the bench's shards in folder/shards, generated unless present."""
     started = time.perf_counter()
     manifest_path = folder / "shards" / schema.MANIFEST
-    if manifest_path.exists():
-        return json.loads(manifest_path.read_text()), 0.0
+    if manifest_path.exists() and (manifest := json.loads(manifest_path.read_text())).get("complete"):
+        return manifest, 0.0  # an interrupted conversion is not reused: convert() below finishes it
     synthetic.generate(folder / "dataset", **DATASET, style=style, workers=2)
     manifest = convert_zips.convert(folder / "dataset", folder / "shards", val_fraction=VAL_FRACTION, seed=0,
                                     progress=False)
