@@ -56,25 +56,40 @@ def build_index(url: str, storage_options: dict | None = None, *, retries: int =
     """Scan a shard's headers (one pass over its bytes) into its byte index.
 
     Raises PipelineError naming the shard when it cannot be read or is not a valid tar."""
-    keys, offsets = [], []
     with open_range(url, storage_options, retries=retries, retry_wait=retry_wait) as raw:
         stream = _Counting(raw)
-        members = iter_members(stream, lambda key, suffix: False)
         try:
-            while True:
-                try:
-                    offset, key, _, _ = next(members)
-                except StopIteration as finished:
-                    offsets.append(finished.value)
-                    break
-                if not keys or key != keys[-1]:
-                    keys.append(key)
-                    offsets.append(offset)
+            keys, offsets = _sample_starts(stream)
         except TarFormatError as error:
             raise PipelineError(f"{url}: cannot index it: {error}") from None
         while stream.read(1 << 20):  # the end-of-archive blocks and padding count in its size
             pass
     return schema.ShardIndex(keys, offsets, stream.count)
+
+
+def count_local_samples(path: str) -> int:
+    """Samples in a local tar, counted from its headers alone (data is seeked past)."""
+    try:
+        with open(path.removeprefix("file://"), "rb") as f:
+            return len(_sample_starts(f)[0])
+    except (OSError, TarFormatError) as error:
+        raise PipelineError(f"{path}: cannot read tar headers ({error})") from None
+
+
+def _sample_starts(stream) -> tuple[list[str], list[int]]:
+    """(each sample's key, the byte offset of its first header) from a tar stream's headers,
+    data skipped; the offsets end with where the members end. TarFormatError on damage."""
+    keys, offsets = [], []
+    members = iter_members(stream, lambda key, suffix: False)
+    while True:
+        try:
+            offset, key, _, _ = next(members)
+        except StopIteration as finished:
+            offsets.append(finished.value)
+            return keys, offsets
+        if not keys or key != keys[-1]:
+            keys.append(key)
+            offsets.append(offset)
 
 
 def load_index(url: str, storage_options: dict | None = None, *, expected: dict | None = None,

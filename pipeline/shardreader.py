@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pipeline import cache, schema
 from pipeline.clients import is_local
 from pipeline.errors import PipelineError
-from pipeline.index import decoded, index_url, load_index
-from pipeline.sources import count_local_samples, explicit_sizes, manifest_entries, shard_basename
+from pipeline.index import count_local_samples, decoded, index_url, load_index
+from pipeline.sources import explicit_sizes, manifest_entries, shard_basename
 from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import BLOCK, TarFormatError, iter_members
 

@@ -16,7 +16,6 @@ from pipeline import schema
 from pipeline.clients import client
 from pipeline.errors import PipelineError
 from pipeline.streams import read_whole
-from pipeline.tarstream import TarFormatError, iter_members
 
 _GLOB_CHARS = "*?["
 
@@ -123,16 +122,3 @@ def explicit_sizes(urls: list[str], explicit) -> list[int]:
     if len(explicit) != len(urls):
         raise PipelineError(f"shard_sizes has {len(explicit)} entries for {len(urls)} shards")
     return [int(n) for n in explicit]
-
-
-def count_local_samples(path: str) -> int:
-    """Samples in a local tar, counted from its headers alone (data is read past)."""
-    count, last = 0, None
-    try:
-        with open(path.removeprefix("file://"), "rb") as f:
-            for _, key, _, _ in iter_members(f, lambda key, suffix: False):
-                if key != last:
-                    count, last = count + 1, key
-    except (OSError, TarFormatError) as error:
-        raise PipelineError(f"{path}: cannot read tar headers ({error})") from None
-    return count
