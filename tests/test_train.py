@@ -18,6 +18,7 @@ from model import UNet, UNetConfig, total_loss
 from pipeline import Batch, PipelineError, make_loader, schema
 from servers import free_port
 from training import runfolder, steps
+from training.options import LOSS_TERMS
 from training.steps import prepare_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ BAD_VALUES = {
     "warmup": (["--warmup-steps", "-3"], "--warmup-steps"),
     "w-bce": (["--w-bce", "-1"], "--w-bce"),
     "w-dice": (["--w-dice", "nan"], "--w-dice"),
-    "all-weights-zero": ([f"--w-{term}=0" for term in ("bce", "dice", "l1", "ssim", "grad")], "all loss weights are 0"),
+    "all-weights-zero": ([f"--w-{term}=0" for term in LOSS_TERMS], "all loss weights are 0"),
     "minutes": (["--minutes", "nan"], "--minutes"),
     "retries": (["--retries", "1000"], "--retries"),
     "seed": (["--seed", "-1"], "--seed"),
