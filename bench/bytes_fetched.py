@@ -1,12 +1,12 @@
 """Benchmark: bytes fetched per train epoch at 8 ranks x 8 workers over 20 shards, against the
-old behaviour (each slot streams every shard it touches from byte 0), in the same run.
+old behaviour (each share streams every shard it touches from byte 0), in the same run.
 
 Generates a small seed dataset (32 px, 64 samples per shard; cached under --cache), converts it
 into 20 shards with their byte indexes, and serves it from a loopback HTTP server that counts
 the body bytes it writes, per path. One train epoch is read rank by rank (rank=/world_size=,
 as 8 GPUs would split it), each rank with 8 DataLoader workers:
   (a) indexed: the shards with their indexes, as the converter writes them;
-  (b) baseline: the same shards without indexes (the manifest lists none), so every slot
+  (b) baseline: the same shards without indexes (the manifest lists none), so every share
       streams its shards from the first byte, as the pipeline did before the index existed.
 Prints one JSON line: shard bytes sent / shard bytes for each (ratio, baseline_ratio), and the
 index and manifest bytes apart. measure() returns the same figures as a dict.

@@ -1,14 +1,14 @@
-"""One (rank, worker) slot of an epoch plan to batch records: read, shuffle, check, decode into
-batch memory, fit to size, and draw each sample's augmentation (applied later, on the device:
+"""One (rank, worker) share of an epoch plan to batch records: read, shuffle, check, decode into
+a batch buffer, fit to size, and draw each sample's augmentation (applied later, on the device:
 pipeline.augment).
 
-A slot always yields exactly its planned number of batches, whatever the data holds, so
+A share always yields exactly its planned number of batches, whatever the data holds, so
 every rank takes the same number of steps. A bad sample is skipped and reported. In train
-mode its place is taken by one of the slot's spare samples; only when the spares run out do
-batches get smaller, and a stream that runs dry (a cut-off shard, a manifest counting too
+mode its place is taken by one of the share's spare samples; only when the spares run out do
+batches get smaller, and a share whose shards run dry (a cut-off shard, a manifest counting too
 many) yields smaller or empty batches: never a sample twice. In eval mode a batch holds
 exactly its planned samples minus the bad ones. Batches skipped for a resume are composed
-with the cheap JPEG checks only, so a resumed stream matches the original unless a sample
+with the cheap JPEG checks only, so a resumed pass matches the original unless a sample
 passed those checks and still failed to decode in a skipped batch.
 """
 
@@ -20,16 +20,16 @@ import torch
 
 from pipeline import batchmemory
 from pipeline.augment import draw, sample_rng
-from pipeline.batchmemory import AUG, SharedBatches
+from pipeline.batchmemory import AUG, BatchBuffers
 from pipeline.decode import CHANNELS, BadSample, Decoder, check
 from pipeline.errors import PipelineError
-from pipeline.plan import Slot, batch_index
+from pipeline.plan import Share, batch_index
 from pipeline.shardreader import read_samples
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """What every slot of one loader shares."""
+    """What every share of one loader is read with."""
 
     batch_size: int
     image_size: int
@@ -47,10 +47,10 @@ class StreamConfig:
 
 @dataclass
 class Record:
-    """One batch as a worker hands it to the main process: where its images are (a slot of
-    the shared batch memory, or fresh memory), what it holds, and what it cost.
+    """One batch as a worker hands it to the main process: where its images are (a batch
+    buffer, or fresh memory), what it holds, and what it cost.
 
-    `seconds` is this batch's share of the worker's time: read (tar stream and shuffle
+    `seconds` is the worker's time spent on this batch: read (tar stream and shuffle
     buffer), decode (JPEG) and fit (resizing, thresholding, copying, drawing).
     """
 
@@ -60,8 +60,8 @@ class Record:
     keys: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
-    memory_token: int = -1
-    slot: int | None = None
+    buffers_token: int = -1  # which BatchBuffers `buffer` is one of
+    buffer: int | None = None
     fresh: torch.Tensor | None = None
     pinned: dict | None = None  # the fields, copied to pinned memory by pin_memory()
     error: str | None = None  # set on a worker's last record when its storage failed
@@ -72,17 +72,17 @@ class Record:
 
     def pin_memory(self, *_):
         """Called by DataLoader's pin-memory thread (main process): copy the batch to
-        page-locked memory and free its slot at once, off the training loop's thread."""
+        page-locked memory and free its buffer at once, off the training loop's thread."""
         if self.error is None and self.pinned is None:
-            memory = batchmemory.in_this_process(self.memory_token)
+            buffers = batchmemory.in_this_process(self.buffers_token)
             self.pinned = {name: tensor.pin_memory()
-                           for name, tensor in memory.tensors(self.slot, self.fresh, self.count).items()}
-            self.slot = self.fresh = None
+                           for name, tensor in buffers.tensors(self.buffer, self.fresh, self.count).items()}
+            self.buffer = self.fresh = None
         return self
 
 
-def _samples(slot: Slot, config: StreamConfig):
-    for shard, start, stop in slot.ranges:
+def _samples(share: Share, config: StreamConfig):
+    for shard, start, stop in share.ranges:
         info = config.shards[shard]
         yield from read_samples(info.url, start, stop, config.storage_options, retries=config.retries,
                                 retry_wait=config.retry_wait, info=info, cache_dir=config.cache_dir)
@@ -90,22 +90,24 @@ def _samples(slot: Slot, config: StreamConfig):
 
 def _shuffled(samples, size: int, rng: random.Random):
     """A shuffle buffer: holds up to `size` samples and emits a random one per arrival."""
-    buffer = []
+    held = []
     for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
+        if len(held) < size:
+            held.append(sample)
             continue
         i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+        yield held[i]
+        held[i] = sample
+    rng.shuffle(held)
+    yield from held
 
 
-class _SlotStream:
-    def __init__(self, slot: Slot, worker: int, config: StreamConfig, epoch: int, decoder: Decoder):
-        self.slot, self.worker, self.config, self.epoch, self.decoder = slot, worker, config, epoch, decoder
-        samples = _samples(slot, config)
+class _ShareBatcher:
+    """One share's samples, pulled one by one, made into its planned batches."""
+
+    def __init__(self, share: Share, worker: int, config: StreamConfig, epoch: int, decoder: Decoder):
+        self.share, self.worker, self.config, self.epoch, self.decoder = share, worker, config, epoch, decoder
+        samples = _samples(share, config)
         if config.train:
             rng = random.Random(f"buffer/{config.seed}/{epoch}/{config.rank}/{worker}")
             samples = _shuffled(samples, config.shuffle_buffer, rng)
@@ -125,7 +127,7 @@ class _SlotStream:
         if self.config.train:
             # Spares cover bad samples; once they run out, what is left is shared over the
             # batches left, the earlier ones rounding up.
-            capacity = min(planned, -(-(self.slot.num_samples - self.pulled) // batches_left))
+            capacity = min(planned, -(-(self.share.num_samples - self.pulled) // batches_left))
             while len(keys) < capacity and (sample := self._next()) is not None:
                 self._take(sample, arrays, keys, skipped)
         else:
@@ -152,35 +154,37 @@ class _SlotStream:
         except BadSample as reason:
             skipped.append({"key": sample.key, "shard": sample.shard, "reason": str(reason)})
 
-    def records(self, skip: int, memory: SharedBatches, generation: int):
-        sizes = self.slot.batch_sizes
+    def records(self, skip: int, buffers: BatchBuffers, generation: int):
+        sizes = self.share.batch_sizes
         for i, planned in enumerate(sizes):
             skipped = []
             if i < skip:
                 self._fill(planned, len(sizes) - i, None, skipped)
                 continue
             before = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
-            buffer = memory.claim(self.worker)
+            claim = buffers.claim(self.worker)
             try:
-                keys = self._fill(planned, len(sizes) - i, buffer.arrays, skipped)
+                keys = self._fill(planned, len(sizes) - i, claim.arrays, skipped)
             except BaseException:
-                memory.free(buffer.slot)  # never sent, so still this worker's to give back
+                buffers.free(claim.buffer)  # never sent, so still this worker's to give back
                 raise
             after = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
             seconds = {stage: b - a for stage, a, b in zip(("read", "decode", "fit"), before, after)}
-            yield Record(generation, self.epoch, batch_index(i, self.worker, self.config.workers), keys, skipped, seconds, memory.token, buffer.slot, buffer.fresh)
+            yield Record(generation=generation, epoch=self.epoch, index=batch_index(i, self.worker, self.config.workers),
+                         keys=keys, skipped=skipped, seconds=seconds, buffers_token=buffers.token,
+                         buffer=claim.buffer, fresh=claim.fresh)
 
 
-def slot_records(slot: Slot, worker: int, config: StreamConfig, epoch: int, *, decoder: Decoder,
-                 memory: SharedBatches, generation: int, skip: int = 0):
-    """Yield a slot's batch records, the first `skip` of them only counted through (checked,
+def share_records(share: Share, worker: int, config: StreamConfig, epoch: int, *, decoder: Decoder,
+                  buffers: BatchBuffers, generation: int, skip: int = 0):
+    """Yield a share's batch records, the first `skip` of them only counted through (checked,
     not decoded), not yielded.
 
-    A PipelineError (storage that cannot be read) ends the slot with a record holding only
+    A PipelineError (storage that cannot be read) ends the share with a record holding only
     its `error`: data the main process raises again, rather than an exception that
     DataLoader would wrap in the worker's traceback.
     """
     try:
-        yield from _SlotStream(slot, worker, config, epoch, decoder).records(skip, memory, generation)
+        yield from _ShareBatcher(share, worker, config, epoch, decoder).records(skip, buffers, generation)
     except PipelineError as error:
-        yield Record(generation, epoch, -1, error=str(error))
+        yield Record(generation=generation, epoch=epoch, index=-1, error=str(error))

@@ -1,16 +1,16 @@
-"""Batch memory shared by the main process and the loader's workers: a few slots per worker,
-reused for the whole run.
+"""Batch buffers: shared memory for whole batches, a few per worker, made once and reused for
+the whole run by the main process and the loader's workers.
 
 A fresh shared-memory batch per step cost the workers about as much as decoding its JPEGs
 (page faults on new memory, an mmap and a file descriptor passed per tensor; 0.3 ms per
 sample at 224 px, measured with bench/loader.py's setup). So the memory is made once, before
-the workers start, and a batch travels to the main process as a slot number.
+the workers start, and a batch travels to the main process as the number of its buffer.
 
-A slot is busy from the moment its worker claims it until the main process lets go of the
+A buffer is busy from the moment its worker claims it until the main process lets go of the
 batch: when the batch's last tensor is garbage collected (every tensor of the batch is a view
-that keeps the slot), when it has been copied to pinned memory, or when the batch is
+that keeps the buffer), when it has been copied to pinned memory, or when the batch is
 discarded unused. Only the owning worker claims, only the main process frees. A worker whose
-slots are all busy (a consumer that keeps many batches, such as ``list(loader)``) gets fresh
+buffers are all busy (a consumer that keeps many batches, such as ``list(loader)``) gets fresh
 shared memory for that batch instead: slower, never a wait.
 """
 
@@ -31,12 +31,12 @@ FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPT
 AUG = "aug"
 _ALIGN = 64  # every field starts on a cache line (and the float32 draws on a 4-byte boundary)
 _tokens = itertools.count()
-_IN_THIS_PROCESS: "weakref.WeakValueDictionary[int, SharedBatches]" = weakref.WeakValueDictionary()
+_IN_THIS_PROCESS: "weakref.WeakValueDictionary[int, BatchBuffers]" = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each field of one batch lives in its slot: images NHWC (as decoded), draws last."""
+    """Where each field of one batch lives in its buffer: images NHWC (as decoded), draws last."""
 
     batch_size: int
     image_size: int
@@ -63,13 +63,13 @@ class Layout:
         return offset + size
 
     def arrays(self, memory: np.ndarray) -> dict[str, np.ndarray]:
-        """Writable numpy views of one batch's fields in `memory` (its slot's bytes)."""
+        """Writable numpy views of one batch's fields in `memory` (its buffer's bytes)."""
         return {name: memory[offset:offset + size].view(dtype).reshape(shape)
                 for name, (offset, size, shape, dtype) in self.fields.items()}
 
     def tensors(self, memory: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
         """The batch fields of the first `count` samples, as views of `memory` (a 1-d uint8
-        tensor over the slot): images [count,C,H,W] (channels-last in memory), draws [count,8]."""
+        tensor over the buffer): images [count,C,H,W] (channels-last in memory), draws [count,8]."""
         batch = {}
         for name, (offset, size, shape, dtype) in self.fields.items():
             field = memory[offset:offset + size]
@@ -81,11 +81,12 @@ class Layout:
 
 
 @dataclass
-class Buffer:
-    """Where a worker writes one batch: a slot, or fresh memory when every slot was busy."""
+class Claim:
+    """Where a worker writes one batch: batch buffer number `buffer`, or `fresh` memory (buffer
+    None) when all of the worker's buffers were busy."""
 
     arrays: dict[str, np.ndarray]
-    slot: int | None
+    buffer: int | None
     fresh: torch.Tensor | None
 
 
@@ -97,20 +98,20 @@ def _new_bytes(size: int, shared: bool) -> torch.Tensor:
     tensor into new shared memory with an OpenMP-parallel copy, and in a process forked from
     one whose OpenMP pool is running (a rank started with fork, as
     tests/test_loader.py::test_rank_and_world_size_come_from_torch_distributed does) that copy
-    hangs for good inside libgomp; it would also touch every page of the slots up front."""
+    hangs for good inside libgomp; it would also touch every page of the buffers up front."""
     if not shared:
         return torch.empty(size, dtype=torch.uint8)
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
 
 
-class SharedBatches:
-    """`slots` reusable batch slots for each of `owners` producers (the workers)."""
+class BatchBuffers:
+    """`per_worker` reusable batch buffers for each of `workers` producers."""
 
-    def __init__(self, layout: Layout, owners: int, slots: int, shared: bool):
-        self.layout, self.slots, self.shared = layout, slots, shared
+    def __init__(self, layout: Layout, workers: int, per_worker: int, shared: bool):
+        self.layout, self.per_worker, self.shared = layout, per_worker, shared
         # Made before the workers start, so they inherit (or are sent) the same pages.
-        self.memory = _new_bytes(owners * slots * layout.nbytes, shared)
-        self.busy = _new_bytes(owners * slots, shared).zero_()
+        self.memory = _new_bytes(workers * per_worker * layout.nbytes, shared)
+        self.busy = _new_bytes(workers * per_worker, shared).zero_()
         self.token = next(_tokens)
         _IN_THIS_PROCESS[self.token] = self
 
@@ -127,37 +128,37 @@ class SharedBatches:
             self._arrays = (self.memory.numpy(), self.busy.numpy())
         return self._arrays
 
-    def _slot_bytes(self, slot: int) -> np.ndarray:
-        start = slot * self.layout.nbytes
+    def _buffer_bytes(self, buffer: int) -> np.ndarray:
+        start = buffer * self.layout.nbytes
         return self._numpy()[0][start:start + self.layout.nbytes]
 
     # --- worker side ----------------------------------------------------------------
-    def claim(self, owner: int) -> Buffer:
-        """A free slot of `owner`'s, marked busy; fresh memory when all of them are busy."""
+    def claim(self, worker: int) -> Claim:
+        """A free buffer of `worker`'s, marked busy; fresh memory when all of them are busy."""
         busy = self._numpy()[1]
-        for slot in range(owner * self.slots, (owner + 1) * self.slots):
-            if not busy[slot]:
-                busy[slot] = 1
-                return Buffer(self.layout.arrays(self._slot_bytes(slot)), slot, None)
+        for buffer in range(worker * self.per_worker, (worker + 1) * self.per_worker):
+            if not busy[buffer]:
+                busy[buffer] = 1
+                return Claim(self.layout.arrays(self._buffer_bytes(buffer)), buffer, None)
         fresh = _new_bytes(self.layout.nbytes, self.shared)
-        return Buffer(self.layout.arrays(fresh.numpy()), None, fresh)
+        return Claim(self.layout.arrays(fresh.numpy()), None, fresh)
 
     # --- main-process side -----------------------------------------------------------
-    def tensors(self, slot: int | None, fresh: torch.Tensor | None, count: int) -> dict[str, torch.Tensor]:
-        """A delivered batch's fields as views; a slot is freed once the last view is gone."""
-        if slot is None:
+    def tensors(self, buffer: int | None, fresh: torch.Tensor | None, count: int) -> dict[str, torch.Tensor]:
+        """A delivered batch's fields as views; its buffer is freed once the last view is gone."""
+        if buffer is None:
             return self.layout.tensors(fresh, count)
-        window = self._slot_bytes(slot)  # a new array object, owned by the tensors below only
-        weakref.finalize(window, self.free, slot)
+        window = self._buffer_bytes(buffer)  # a new array object, owned by the tensors below only
+        weakref.finalize(window, self.free, buffer)
         return self.layout.tensors(torch.from_numpy(window), count)
 
-    def free(self, slot: int | None) -> None:
-        """Mark a slot free: the main process's job, or the owning worker's for a slot it
+    def free(self, buffer: int | None) -> None:
+        """Mark a buffer free: the main process's job, or the owning worker's for a buffer it
         claimed and never sent."""
-        if slot is not None:
-            self._numpy()[1][slot] = 0
+        if buffer is not None:
+            self._numpy()[1][buffer] = 0
 
 
-def in_this_process(token: int) -> SharedBatches:
-    """The SharedBatches with this token (the main process's, for a record met in its pin thread)."""
+def in_this_process(token: int) -> BatchBuffers:
+    """The BatchBuffers with this token (the main process's, for a record met in its pin thread)."""
     return _IN_THIS_PROCESS[token]

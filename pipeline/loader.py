@@ -22,8 +22,8 @@ import time
 import torch
 
 from pipeline.augment import Batch
-from pipeline.batches import StreamConfig, slot_records
-from pipeline.batchmemory import Layout, SharedBatches
+from pipeline.batches import StreamConfig, share_records
+from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.plan import batches_to_skip, plan_epoch
@@ -34,10 +34,10 @@ from pipeline.workers import WorkerPool
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-# Slots of shared batch memory per worker: the batches it may have made ahead (2), the one it
-# is making, and those the main process still holds (being reordered, or the step's batch and
-# the one before it, until the loop drops them).
-_SLOTS_PER_WORKER = 6
+# Batch buffers per worker: the batches it may have made ahead (2), the one it is making, and
+# those the main process still holds (being reordered, or the step's batch and the one before
+# it, until the loop drops them).
+_BUFFERS_PER_WORKER = 6
 STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
 
 
@@ -58,8 +58,8 @@ def _rank_and_world(rank, world_size) -> tuple[int, int]:
     return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
-class _EpochStreams:
-    """What a worker runs for a pass (picklable, so spawned workers get it too): a chained train
+class _Source:
+    """A worker's records for a pass (picklable, so spawned workers get it too): a chained train
     pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
     epoch e; any other pass makes its one epoch and stops (nothing read for nothing)."""
 
@@ -73,15 +73,15 @@ class _EpochStreams:
                           batch_size=self.config.batch_size, train=self.config.train,
                           seed=self.config.seed, epoch=epoch)
 
-    def __call__(self, memory: SharedBatches, worker: int, epoch: int, start_batch: int, generation: int,
+    def __call__(self, buffers: BatchBuffers, worker: int, epoch: int, start_batch: int, generation: int,
                  chain: bool):
         if self._decoder is None:
             self._decoder = Decoder(self.config.image_size)
         skip = batches_to_skip(start_batch, worker, self.config.workers)
         while True:
-            slot = self.plan(epoch).slots[self.config.rank][worker]
-            yield from slot_records(slot, worker, self.config, epoch, decoder=self._decoder,
-                                    memory=memory, generation=generation, skip=skip)
+            share = self.plan(epoch).shares[self.config.rank][worker]
+            yield from share_records(share, worker, self.config, epoch, decoder=self._decoder,
+                                     buffers=buffers, generation=generation, skip=skip)
             if not (self.config.train and chain):
                 return
             epoch, skip = epoch + 1, 0
@@ -93,8 +93,8 @@ class Pipeline:
 
     ``epoch(e, start_batch=0)`` returns one pass (a Loader). Train passes asked for in
     sequence (epoch e to its end, then e+1; or a pass left at batch n, then resumed at n)
-    continue the workers' stream without a pause: they are already making epoch e+1 while the
-    last batches of e are consumed. Any other pass restarts the stream. An eval pass is the
+    continue the workers' records without a pause: they are already making epoch e+1 while the
+    last batches of e are consumed. Any other pass restarts the workers' sources. An eval pass is the
     same samples each time (validation). See make_loader for the batches and the arguments.
     """
 
@@ -119,10 +119,10 @@ class Pipeline:
                                 cache_dir=cache_dir)
         config = StreamConfig(batch_size, image_size, train, seed, rank, max(workers, 1), shuffle_buffer,
                               storage_options, retries, retry_wait, tuple(shards), cache_dir)
-        self.streams = _EpochStreams(world_size, config)
-        plan = self.streams.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
+        self.source = _Source(world_size, config)
+        plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
-            raise PipelineError(f"{sum(self.streams.sizes)} samples in {urls!r} cannot fill one batch of "
+            raise PipelineError(f"{sum(self.source.sizes)} samples in {urls!r} cannot fill one batch of "
                                 f"{batch_size} on each of {world_size} ranks")
         self.batches_per_epoch, self.samples_per_epoch = plan.batches_per_rank, plan.samples_per_rank[rank]
         self.train, self.workers = train, workers
@@ -158,10 +158,10 @@ class Pipeline:
     # --- the Loader's side ---------------------------------------------------------------
     def _begin(self, epoch: int, start_batch: int, chain: bool) -> None:
         if self._pool is None:
-            memory = SharedBatches(self._layout, max(self.workers, 1), _SLOTS_PER_WORKER, shared=self.workers > 0)
-            self._pool = WorkerPool(functools.partial(self.streams, memory), memory, workers=self.workers,
+            buffers = BatchBuffers(self._layout, max(self.workers, 1), _BUFFERS_PER_WORKER, shared=self.workers > 0)
+            self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
                                     pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
-        # The workers' stream goes on where the last pass left it only if it is making what is
+        # The workers' sources go on where the last pass left them only if it is making what is
         # asked for now: the rest of the same epoch, or (chained) the next one, chained alike.
         going_on = self._next == (epoch, start_batch) and (start_batch or self._chain) and chain == self._chain
         if not (self.train and going_on):
@@ -198,8 +198,8 @@ class Pipeline:
     def _batch(self, record) -> Batch:
         fields = record.pinned
         if fields is None:
-            fields = self._pool.memory.tensors(record.slot, record.fresh, record.count)
-        record.slot = record.fresh = record.pinned = None  # the batch's tensors own the memory now
+            fields = self._pool.buffers.tensors(record.buffer, record.fresh, record.count)
+        record.buffer = record.fresh = record.pinned = None  # the batch's tensors own the memory now
         return Batch(fields, key=record.keys)
 
 

@@ -3,7 +3,7 @@
 The epoch's samples are the shards concatenated (train: in an order shuffled by seed and
 epoch; eval: as given), cut into `world_size` contiguous near-equal rank chunks and each of
 those into `workers` contiguous pieces. A piece may start or end inside a shard, so a single
-shard can feed any number of ranks and workers, and each shard is streamed by few slots.
+shard can feed any number of ranks and workers, and each shard is read by few shares.
 
 Batch counts are fixed here, before any data is read, so every rank runs the same number of
 steps whatever the data turns out to hold (DDP hangs otherwise). A worker's i-th batch is
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Slot:
-    """One (rank, worker)'s share: sample ranges ``(shard index, start, stop)`` and batches.
+class Share:
+    """One (rank, worker)'s part of the epoch: sample ranges ``(shard index, start, stop)`` and batches.
 
     In train mode ``batch_sizes`` are the targets (all equal to the batch size) and the
     ranges hold spare samples beyond them; in eval mode they are exact and add up to the
@@ -30,7 +30,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    slots: tuple[tuple[Slot, ...], ...]  # [rank][worker]
+    shares: tuple[tuple[Share, ...], ...]  # [rank][worker]
     batches_per_rank: int
     samples_per_rank: tuple[int, ...]  # samples delivered per rank if none is corrupt
 
@@ -88,7 +88,7 @@ def plan_epoch(sizes: list[int], *, world_size: int, workers: int, batch_size: i
     else:
         batches = -(-max(rank_samples) // batch_size)
     worker_batches = split_evenly(batches, workers)
-    slots, rank_begin = [], 0
+    shares, rank_begin = [], 0
     for samples in rank_samples:
         if train:
             spare = samples - batches * batch_size
@@ -102,15 +102,16 @@ def plan_epoch(sizes: list[int], *, world_size: int, workers: int, batch_size: i
                 batch_lists.append(tuple(sizes_of_batches[first:first + k]))
                 first += k
             pieces = [sum(b) for b in batch_lists]
-        rank_slots, begin = [], rank_begin
+        rank_shares, begin = [], rank_begin
         for piece, batch_list in zip(pieces, batch_lists):
-            rank_slots.append(Slot(_ranges(order, sizes, begin, begin + piece), batch_list, piece))
+            rank_shares.append(Share(ranges=_ranges(order, sizes, begin, begin + piece), batch_sizes=batch_list,
+                                     num_samples=piece))
             begin += piece
         assert begin == rank_begin + samples, (begin, rank_begin, samples)
-        slots.append(tuple(rank_slots))
+        shares.append(tuple(rank_shares))
         rank_begin += samples
     delivered = tuple(batches * batch_size if train else s for s in rank_samples)
-    return EpochPlan(tuple(slots), batches, delivered)
+    return EpochPlan(tuple(shares), batches, delivered)
 
 
 def batch_index(worker_batch: int, worker: int, workers: int) -> int:

@@ -3,10 +3,10 @@
 torch's DataLoader(persistent_workers=True) keeps its worker processes between iterations,
 but every new iteration starts with a reset that drains and drops what the workers had
 prefetched, and an iteration cannot be paused while another runs on the same workers. So a
-pool runs ONE DataLoader iteration for its whole life, over an endless stream of batch
+pool runs ONE DataLoader iteration for its whole life, over an endless sequence of batch
 records, and the main process announces a new pass (the next epoch out of sequence, a resume
 point, another validation) by bumping a generation number in shared memory. Each worker
-checks it before every batch and switches streams; every record carries the generation it was
+checks it before every batch and switches to the new pass's source; every record carries the generation it was
 made for, and the main process discards (and frees the memory of) records of an older one.
 A worker with nothing left to do waits on its doorbell for the next pass: no polling, and it
 wakes for a new pass, for close(), or (checking every second) when the main process is gone.
@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batchmemory import SharedBatches
+from pipeline.batchmemory import BatchBuffers
 
 # PassControl's shared integers.
 _GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
@@ -88,12 +88,12 @@ class PassControl:
         return not self._values[_CLOSING]
 
 
-class _WorkerLoop:
+class _WorkerSource:
     """A worker's endless iterator of records: the current pass's, then it waits for the next."""
 
-    def __init__(self, control: PassControl, make_stream, worker: int, wait: bool):
-        self.control, self.make_stream, self.worker, self.wait = control, make_stream, worker, wait
-        self.generation, self.stream = 0, None
+    def __init__(self, control: PassControl, source, worker: int, wait: bool):
+        self.control, self.source, self.worker, self.wait = control, source, worker, wait
+        self.generation, self.records = 0, None
 
     def __iter__(self):
         return self
@@ -101,25 +101,27 @@ class _WorkerLoop:
     def __next__(self):
         while True:
             if self.control.generation != self.generation:
-                self.stream = None  # let the old pass's files close before the new pass opens its own
+                self.records = None  # let the old pass's files close before the new pass opens its own
                 self.generation, epoch, start_batch, chain = self.control.current()
-                self.stream = self.make_stream(self.worker, epoch, start_batch, self.generation, chain)
-            if self.stream is not None:
-                record = next(self.stream, None)
+                self.records = self.source(self.worker, epoch, start_batch, self.generation, chain)
+            if self.records is not None:
+                record = next(self.records, None)
                 if record is not None:
                     return record
-                self.stream = None
+                self.records = None
             if not self.wait or not self.control.wait_for_new_pass(self.worker, self.generation):
                 raise StopIteration
 
 
-class _Streams(IterableDataset):
-    def __init__(self, control: PassControl, make_stream):
-        super().__init__()
-        self.control, self.make_stream = control, make_stream
+class _SourceDataset(IterableDataset):
+    """What the DataLoader iterates: in each of its workers, that worker's _WorkerSource."""
 
-    def __iter__(self):  # in a DataLoader worker: the pool makes no _Streams without workers
-        return _WorkerLoop(self.control, self.make_stream, get_worker_info().id, wait=True)
+    def __init__(self, control: PassControl, source):
+        super().__init__()
+        self.control, self.source = control, source
+
+    def __iter__(self):  # in a DataLoader worker: the pool makes no _SourceDataset without workers
+        return _WorkerSource(self.control, self.source, get_worker_info().id, wait=True)
 
 
 def _as_is(record):
@@ -157,20 +159,20 @@ def _close_open_pools() -> None:
 
 class WorkerPool:
     """`workers` persistent processes (none: the main process makes the records itself)
-    producing the records of make_stream(worker, epoch, start_batch, generation, chain) into
-    `memory` (chain: go on into the next epochs once this one is made).
+    producing the records of source(worker, epoch, start_batch, generation, chain) into
+    `buffers` (chain: go on into the next epochs once this one is made).
 
     One lifetime: the processes start with the first call to records() and end with close();
-    a closed pool is not restarted (make a new one, with new batch memory, so that no slot
+    a closed pool is not restarted (make a new one, with new batch buffers, so that no buffer
     a dead worker claimed stays busy).
     """
 
-    def __init__(self, make_stream, memory: SharedBatches, *, workers: int, pin_memory: bool, worker_init_fn):
+    def __init__(self, source, buffers: BatchBuffers, *, workers: int, pin_memory: bool, worker_init_fn):
         self.control = PassControl(torch.multiprocessing.get_context(), workers)
-        self.memory = memory
+        self.buffers = buffers
         if workers:
             self._dataloader = DataLoader(
-                _Streams(self.control, make_stream), batch_size=None, num_workers=workers,
+                _SourceDataset(self.control, source), batch_size=None, num_workers=workers,
                 collate_fn=_as_is, persistent_workers=True, prefetch_factor=_PREFETCH,
                 in_order=False,  # records say where they belong, and a waiting worker must not hold up the others
                 pin_memory=pin_memory, worker_init_fn=functools.partial(_start_worker, self.control, worker_init_fn))
@@ -178,7 +180,7 @@ class WorkerPool:
             _open_pools.add(self)
         else:
             self._dataloader = None
-            self._records = _WorkerLoop(self.control, make_stream, 0, wait=False)
+            self._records = _WorkerSource(self.control, source, 0, wait=False)
 
     def start(self, epoch: int, start_batch: int, chain: bool) -> int:
         """Start a pass; returns its generation."""
@@ -196,7 +198,7 @@ class WorkerPool:
     def discard(self, record) -> None:
         """Give back the memory of a record that will never become a batch."""
         if record.pinned is None:
-            self.memory.free(record.slot)
+            self.buffers.free(record.buffer)
 
     def close(self) -> None:
         """End the worker processes (a waiting worker is woken first, so none lingers)."""

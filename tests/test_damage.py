@@ -4,7 +4,7 @@ lost sample skipped, counted and named, every other sample delivered once.
 Three shards of 8 samples; the one read second is damaged at its sample 3 (or cut in its
 sample 5). With the byte index only the damaged sample is lost (reading resumes at the next
 sample's offset); without one the rest of the shard is (numbered, since no key is known).
-The intact shards either side keep every worker's slot in business.
+The intact shards either side keep every worker's share in business.
 """
 
 import gzip
@@ -111,7 +111,7 @@ def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind,
     for train in (False, True):
         folder = tmp_path / ("train" if train else "eval")
         shutil.copytree(clean_shards, folder)
-        # The shard read second, so intact shards feed both workers' slots around it.
+        # The shard read second, so intact shards feed both workers' shares around it.
         victim = folder / names[shard_order(3, train=train, seed=SEED, epoch=0)[1]]
         keys = _keys(victim)
         every = {key for name in names for key in _keys(folder / name)}

@@ -73,8 +73,8 @@ def test_a_pass_left_midway_resumes_where_it_stopped_and_a_restart_matches_start
 
 def test_batches_kept_by_the_consumer_are_never_overwritten(shard_dir):
     options = dict(batch_size=1, workers=1, image_size=SIZE, train=True, seed=2)
-    one_by_one = _cloned(make_loader(_train_urls(shard_dir), **options))  # slots reused as batches are dropped
-    kept = list(make_loader(_train_urls(shard_dir), **options))  # more batches than slots: all held at once
+    one_by_one = _cloned(make_loader(_train_urls(shard_dir), **options))  # buffers reused as batches are dropped
+    kept = list(make_loader(_train_urls(shard_dir), **options))  # more batches than buffers: all held at once
     assert len(kept) > 8
     assert _same_batches(one_by_one, kept)
 

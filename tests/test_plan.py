@@ -13,27 +13,27 @@ CASES = [
 ]
 
 
-def _samples(slot):
-    return [(shard, i) for shard, start, stop in slot.ranges for i in range(start, stop)]
+def _samples(share):
+    return [(shard, i) for shard, start, stop in share.ranges for i in range(start, stop)]
 
 
 @pytest.mark.parametrize("sizes,world,workers,batch", CASES)
 @pytest.mark.parametrize("train", [True, False])
 def test_every_sample_at_most_once_and_ranks_balanced(sizes, world, workers, batch, train):
     plan = plan_epoch(sizes, world_size=world, workers=workers, batch_size=batch, train=train, seed=3)
-    seen = [s for rank in plan.slots for slot in rank for s in _samples(slot)]
+    seen = [s for rank in plan.shares for share in rank for s in _samples(share)]
     assert len(seen) == len(set(seen)) == sum(sizes)  # pieces tile the epoch exactly
-    for rank_slots in plan.slots:
-        assert sum(len(slot.batch_sizes) for slot in rank_slots) == plan.batches_per_rank
-        for slot in rank_slots:
-            assert slot.num_samples == len(_samples(slot))
+    for rank_shares in plan.shares:
+        assert sum(len(share.batch_sizes) for share in rank_shares) == plan.batches_per_rank
+        for share in rank_shares:
+            assert share.num_samples == len(_samples(share))
             if train:
-                assert all(size == batch for size in slot.batch_sizes)
-                assert slot.num_samples >= batch * len(slot.batch_sizes)
+                assert all(size == batch for size in share.batch_sizes)
+                assert share.num_samples >= batch * len(share.batch_sizes)
             else:
-                assert sum(slot.batch_sizes) == slot.num_samples
-                assert all(size <= batch for size in slot.batch_sizes)
-    rank_samples = [sum(s.num_samples for s in rank) for rank in plan.slots]
+                assert sum(share.batch_sizes) == share.num_samples
+                assert all(size <= batch for size in share.batch_sizes)
+    rank_samples = [sum(s.num_samples for s in rank) for rank in plan.shares]
     assert max(rank_samples) - min(rank_samples) <= 1
     if train:
         assert plan.batches_per_rank == min(rank_samples) // batch
@@ -43,21 +43,21 @@ def test_every_sample_at_most_once_and_ranks_balanced(sizes, world, workers, bat
 
 def test_worker_batch_counts_follow_round_robin():
     plan = plan_epoch([58], world_size=1, workers=3, batch_size=4, train=True)
-    counts = [len(slot.batch_sizes) for slot in plan.slots[0]]
+    counts = [len(share.batch_sizes) for share in plan.shares[0]]
     assert counts == split_evenly(14, 3) == [5, 5, 4]  # worker w makes batches w, w+3, ...
-    assert [slot.num_samples for slot in plan.slots[0]] == [21, 21, 16]  # 2 spares, shared
+    assert [share.num_samples for share in plan.shares[0]] == [21, 21, 16]  # 2 spares, shared
 
 
 def test_train_shard_order_depends_on_seed_and_epoch_only():
     def order(**kw):
         plan = plan_epoch([5] * 8, world_size=1, workers=1, batch_size=5, train=True, **kw)
-        return [shard for shard, _, _ in plan.slots[0][0].ranges]
+        return [shard for shard, _, _ in plan.shares[0][0].ranges]
 
     assert order(seed=1, epoch=0) == order(seed=1, epoch=0)
     assert order(seed=1, epoch=0) != order(seed=1, epoch=1)
     assert sorted(order(seed=1, epoch=1)) == list(range(8))
     eval_plan = plan_epoch([5] * 8, world_size=1, workers=1, batch_size=5, train=False, seed=1)
-    assert [s for s, _, _ in eval_plan.slots[0][0].ranges] == list(range(8))
+    assert [s for s, _, _ in eval_plan.shares[0][0].ranges] == list(range(8))
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

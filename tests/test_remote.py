@@ -266,7 +266,7 @@ def test_s3_ranged_reads_fetch_each_shard_byte_once(three_shards, aws_env, tmp_p
     """Everything the S3 server sends through a counting proxy (HTTP headers included) over an
     epoch of 4 ranks x 2 workers: object-store reads end at the range end, so it stays within
     1.1x the shard bytes plus the manifest and index files as often as they may be read (once
-    per rank, once per slot and shard)."""
+    per rank, once per share and shard)."""
     ranks, workers, shards = 4, 2, 3
     with servers.rclone_s3(tmp_path, ACCESS_KEY, SECRET_KEY) as server:
         _upload_with_boto3(server.url, three_shards)
