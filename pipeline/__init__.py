@@ -15,6 +15,7 @@ _EXPORTS = {
     "Batch": "pipeline.augment",
     "close_clients": "pipeline.clients",
     "Loader": "pipeline.loader",
+    "LoaderOptions": "pipeline.options",
     "make_loader": "pipeline.loader",
     "Pipeline": "pipeline.loader",
     "PipelineError": "pipeline.errors",

@@ -23,26 +23,9 @@ from pipeline.augment import draw, sample_rng
 from pipeline.batchmemory import AUG, BatchBuffers
 from pipeline.decode import CHANNELS, BadSample, Decoder, check
 from pipeline.errors import PipelineError
+from pipeline.options import LoaderOptions
 from pipeline.plan import Share, batch_index
-from pipeline.shardreader import read_samples
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """What every share of one loader is read with."""
-
-    batch_size: int
-    image_size: int
-    train: bool
-    seed: int
-    rank: int
-    workers: int
-    shuffle_buffer: int
-    storage_options: dict
-    retries: int
-    retry_wait: float
-    shards: tuple  # shardreader.ShardInfo per shard, in the plan's order
-    cache_dir: str | None
+from pipeline.shardreader import ShardInfo, read_samples
 
 
 @dataclass
@@ -81,11 +64,11 @@ class Record:
         return self
 
 
-def _samples(share: Share, config: StreamConfig):
+def _samples(share: Share, options: LoaderOptions, shards: tuple[ShardInfo, ...]):
     for shard, start, stop in share.ranges:
-        info = config.shards[shard]
-        yield from read_samples(info.url, start, stop, config.storage_options, retries=config.retries,
-                                retry_wait=config.retry_wait, info=info, cache_dir=config.cache_dir)
+        info = shards[shard]
+        yield from read_samples(info.url, start, stop, options.storage_options, retries=options.retries,
+                                retry_wait=options.retry_wait, info=info, cache_dir=options.cache_dir)
 
 
 def _shuffled(samples, size: int, rng: random.Random):
@@ -105,12 +88,13 @@ def _shuffled(samples, size: int, rng: random.Random):
 class _ShareBatcher:
     """One share's samples, pulled one by one, made into its planned batches."""
 
-    def __init__(self, share: Share, worker: int, config: StreamConfig, epoch: int, decoder: Decoder):
-        self.share, self.worker, self.config, self.epoch, self.decoder = share, worker, config, epoch, decoder
-        samples = _samples(share, config)
-        if config.train:
-            rng = random.Random(f"buffer/{config.seed}/{epoch}/{config.rank}/{worker}")
-            samples = _shuffled(samples, config.shuffle_buffer, rng)
+    def __init__(self, share: Share, worker: int, epoch: int, options: LoaderOptions,
+                 shards: tuple[ShardInfo, ...], decoder: Decoder):
+        self.share, self.worker, self.epoch, self.options, self.decoder = share, worker, epoch, options, decoder
+        samples = _samples(share, options, shards)
+        if options.train:
+            rng = random.Random(f"buffer/{options.seed}/{epoch}/{options.rank}/{worker}")
+            samples = _shuffled(samples, options.shuffle_buffer, rng)
         self.samples = samples
         self.pulled, self.read_seconds = 0, 0.0
 
@@ -124,7 +108,7 @@ class _ShareBatcher:
     def _fill(self, planned: int, batches_left: int, arrays, skipped: list) -> list[str]:
         """Take one batch's samples (decoded into `arrays`, or only checked when it is None)."""
         keys = []
-        if self.config.train:
+        if self.options.train:
             # Spares cover bad samples; once they run out, what is left is shared over the
             # batches left, the earlier ones rounding up.
             capacity = min(planned, -(-(self.share.num_samples - self.pulled) // batches_left))
@@ -146,9 +130,9 @@ class _ShareBatcher:
             else:
                 n = len(keys)
                 self.decoder.decode_into(sample.members, {name: arrays[name][n] for name in CHANNELS})
-                if self.config.train:
+                if self.options.train:
                     started = time.perf_counter()
-                    arrays[AUG][n] = draw(sample_rng(self.config.seed, self.epoch, sample.key))
+                    arrays[AUG][n] = draw(sample_rng(self.options.seed, self.epoch, sample.key))
                     self.decoder.seconds["fit"] += time.perf_counter() - started
             keys.append(sample.key)
         except BadSample as reason:
@@ -170,13 +154,13 @@ class _ShareBatcher:
                 raise
             after = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
             seconds = {stage: b - a for stage, a, b in zip(("read", "decode", "fit"), before, after)}
-            yield Record(generation=generation, epoch=self.epoch, index=batch_index(i, self.worker, self.config.workers),
+            yield Record(generation=generation, epoch=self.epoch, index=batch_index(i, self.worker, self.options.processes),
                          keys=keys, skipped=skipped, seconds=seconds, buffers_token=buffers.token,
                          buffer=claim.buffer, fresh=claim.fresh)
 
 
-def share_records(share: Share, worker: int, config: StreamConfig, epoch: int, *, decoder: Decoder,
-                  buffers: BatchBuffers, generation: int, skip: int = 0):
+def share_records(share: Share, worker: int, epoch: int, *, options: LoaderOptions, shards: tuple[ShardInfo, ...],
+                  decoder: Decoder, buffers: BatchBuffers, generation: int, skip: int = 0):
     """Yield a share's batch records, the first `skip` of them only counted through (checked,
     not decoded), not yielded.
 
@@ -185,6 +169,6 @@ def share_records(share: Share, worker: int, config: StreamConfig, epoch: int, *
     DataLoader would wrap in the worker's traceback.
     """
     try:
-        yield from _ShareBatcher(share, worker, config, epoch, decoder).records(skip, buffers, generation)
+        yield from _ShareBatcher(share, worker, epoch, options, shards, decoder).records(skip, buffers, generation)
     except PipelineError as error:
         yield Record(generation=generation, epoch=epoch, index=-1, error=str(error))

@@ -14,7 +14,6 @@ processes that live as long as it does) and `make_loader` (one pass, the simple 
 import ctypes
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -22,12 +21,13 @@ import time
 import torch
 
 from pipeline.augment import Batch
-from pipeline.batches import StreamConfig, share_records
+from pipeline.batches import share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
+from pipeline.options import LoaderOptions
 from pipeline.plan import batches_to_skip, plan_epoch
-from pipeline.shardreader import prepare_shards
+from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import expand_urls
 from pipeline.workers import WorkerPool
 
@@ -49,40 +49,31 @@ def _init_worker(_worker_id: int) -> None:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _rank_and_world(rank, world_size) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank = torch.distributed.get_rank() if rank is None else rank
-        world_size = torch.distributed.get_world_size() if world_size is None else world_size
-    return (0 if rank is None else rank), (1 if world_size is None else world_size)
-
-
 class _Source:
     """A worker's records for a pass (picklable, so spawned workers get it too): a chained train
     pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
     epoch e; any other pass makes its one epoch and stops (nothing read for nothing)."""
 
-    def __init__(self, world_size: int, config: StreamConfig):
-        self.sizes = [shard.samples for shard in config.shards]
-        self.world_size, self.config = world_size, config
+    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...]):
+        self.options, self.shards = options, shards
+        self.sizes = [shard.samples for shard in shards]
         self._decoder = None  # one per process: made where it runs
 
     def plan(self, epoch: int):
-        return plan_epoch(self.sizes, world_size=self.world_size, workers=self.config.workers,
-                          batch_size=self.config.batch_size, train=self.config.train,
-                          seed=self.config.seed, epoch=epoch)
+        return plan_epoch(self.sizes, world_size=self.options.world_size, workers=self.options.processes,
+                          batch_size=self.options.batch_size, train=self.options.train,
+                          seed=self.options.seed, epoch=epoch)
 
     def __call__(self, buffers: BatchBuffers, worker: int, epoch: int, start_batch: int, generation: int,
                  chain: bool):
         if self._decoder is None:
-            self._decoder = Decoder(self.config.image_size)
-        skip = batches_to_skip(start_batch, worker, self.config.workers)
+            self._decoder = Decoder(self.options.image_size)
+        skip = batches_to_skip(start_batch, worker, self.options.processes)
         while True:
-            share = self.plan(epoch).shares[self.config.rank][worker]
-            yield from share_records(share, worker, self.config, epoch, decoder=self._decoder,
-                                     buffers=buffers, generation=generation, skip=skip)
-            if not (self.config.train and chain):
+            share = self.plan(epoch).shares[self.options.rank][worker]
+            yield from share_records(share, worker, epoch, options=self.options, shards=self.shards,
+                                     decoder=self._decoder, buffers=buffers, generation=generation, skip=skip)
+            if not (self.options.train and chain):
                 return
             epoch, skip = epoch + 1, 0
 
@@ -95,39 +86,26 @@ class Pipeline:
     sequence (epoch e to its end, then e+1; or a pass left at batch n, then resumed at n)
     continue the workers' records without a pause: they are already making epoch e+1 while the
     last batches of e are consumed. Any other pass restarts the workers' sources. An eval pass is the
-    same samples each time (validation). See make_loader for the batches and the arguments.
+    same samples each time (validation). See make_loader for the batches and the guarantees,
+    LoaderOptions for the keyword arguments (`options`).
     """
 
-    def __init__(self, urls, *, batch_size: int, workers: int, image_size: int = 224, train: bool = True,
-                 seed: int = 0, storage_options: dict | None = None, rank: int | None = None,
-                 world_size: int | None = None, pin_memory: bool | None = None, shuffle_buffer: int = 512,
-                 shard_sizes=None, retries: int = 5, retry_wait: float = 1.0,
-                 cache_dir: str | os.PathLike | None = None):
+    def __init__(self, urls, **options):
         self._pool = None  # first: close() (from __del__) must work when the checks below raise
-        for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0),
-                                   ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 1),
-                                   ("retries", retries, 0)):
-            if value < least:
-                raise PipelineError(f"{name} must be >= {least}, got {value}")
-        rank, world_size = _rank_and_world(rank, world_size)
-        if not 0 <= rank < world_size:
-            raise PipelineError(f"rank {rank} is outside world size {world_size}")
-        storage_options = dict(storage_options or {})
-        url_list = expand_urls(urls, storage_options)
-        cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-        shards = prepare_shards(url_list, storage_options, shard_sizes, retries=retries, retry_wait=retry_wait,
-                                cache_dir=cache_dir)
-        config = StreamConfig(batch_size, image_size, train, seed, rank, max(workers, 1), shuffle_buffer,
-                              storage_options, retries, retry_wait, tuple(shards), cache_dir)
-        self.source = _Source(world_size, config)
+        self.options = options = LoaderOptions(**options).resolved()
+        shards = prepare_shards(expand_urls(urls, options.storage_options), options.storage_options,
+                                options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
+                                cache_dir=options.cache_dir)
+        self.source = _Source(options, tuple(shards))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
             raise PipelineError(f"{sum(self.source.sizes)} samples in {urls!r} cannot fill one batch of "
-                                f"{batch_size} on each of {world_size} ranks")
-        self.batches_per_epoch, self.samples_per_epoch = plan.batches_per_rank, plan.samples_per_rank[rank]
-        self.train, self.workers = train, workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._layout = Layout(batch_size, image_size, train)
+                                f"{options.batch_size} on each of {options.world_size} ranks")
+        self.batches_per_epoch = plan.batches_per_rank
+        self.samples_per_epoch = plan.samples_per_rank[options.rank]
+        self.train, self.workers = options.train, options.workers
+        self.pin_memory = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
+        self._layout = Layout(options.batch_size, options.image_size, options.train)
         self._pending = {}  # (epoch, index) -> record that arrived before its turn
         self._generation, self._next = 0, None  # the running pass, and the batch it gives next
         self._chain = False  # does the running pass go on into the next epoch
@@ -158,7 +136,7 @@ class Pipeline:
     # --- the Loader's side ---------------------------------------------------------------
     def _begin(self, epoch: int, start_batch: int, chain: bool) -> None:
         if self._pool is None:
-            buffers = BatchBuffers(self._layout, max(self.workers, 1), _BUFFERS_PER_WORKER, shared=self.workers > 0)
+            buffers = BatchBuffers(self._layout, self.options.processes, _BUFFERS_PER_WORKER, shared=self.workers > 0)
             self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
                                     pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
         # The workers' sources go on where the last pass left them only if it is making what is
@@ -252,11 +230,7 @@ class Loader:
                 pipeline.close()
 
 
-def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, train: bool = True,
-                seed: int = 0, epoch: int = 0, storage_options: dict | None = None,
-                rank: int | None = None, world_size: int | None = None, start_batch: int = 0,
-                pin_memory: bool | None = None, shuffle_buffer: int = 512, shard_sizes=None,
-                retries: int = 5, retry_wait: float = 1.0, cache_dir: str | os.PathLike | None = None) -> Loader:
+def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loader:
     """One pass (a Loader) over this rank's share of one epoch of shards; its workers end
     with the pass. For a run of many epochs and validations, use Pipeline: its workers live
     across passes.
@@ -270,25 +244,18 @@ def make_loader(urls, *, batch_size: int, workers: int, image_size: int = 224, t
     raw uint8 fields. A batch's tensors are views of shared memory that is reused once the
     batch is dropped: keep what you need with ``.clone()`` (or ``.to(device)``).
 
-    urls: brace pattern, glob, fsspec URL or a list of them. rank/world_size: explicit
-    values win, else torch.distributed's when initialised, else 0 and 1. Every rank gets
-    len(loader) batches; train drops each rank's last partial batch and shuffles (shards by
-    seed and epoch, samples in a buffer of `shuffle_buffer`), eval yields every sample once.
-    Bad samples are replaced by spares; when those run out (or a shard ends early) batches
-    shrink, even to empty, but never repeat a sample or become fewer. The same arguments give
-    the same batches; start_batch=n gives them minus the first n (skipped without decoding).
-    Sample counts come from `shard_sizes` (list, or name -> count), else the manifest beside
-    the shards, else their index, else (local files) a tar header scan. Each worker fetches
-    only the bytes of its samples where a shard has an index (see pipeline.shardreader).
-    Transient read errors are retried `retries` times, waiting retry_wait * 2**attempt.
-    cache_dir: keep remote shards there, checked against the manifest's size and sha256, for
-    later epochs and runs (pipeline.cache); the processes of one machine may share it.
+    urls: brace pattern, glob, fsspec URL or a list of them; epoch: which epoch's plan;
+    options: the keyword arguments of pipeline.options.LoaderOptions (batch_size and workers
+    required; image_size, train, seed, storage_options, rank, world_size, pin_memory,
+    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir), as Pipeline takes them.
+    Every rank gets len(loader) batches; train drops each rank's last partial batch and
+    shuffles, eval yields every sample once. Bad samples are replaced by spares; when those
+    run out (or a shard ends early) batches shrink, even to empty, but never repeat a sample or
+    become fewer. The same arguments give the same batches; start_batch=n gives them minus the
+    first n (skipped without decoding). Each worker fetches only the bytes of its samples where
+    a shard has an index (see pipeline.shardreader).
     Raises PipelineError (naming the pattern, URL or option) before the first batch when the
     shards cannot be found, the first one cannot be opened or cache_dir cannot be written.
     Damaged tar data never raises: each sample it costs is skipped and reported.
     """
-    pipeline = Pipeline(urls, batch_size=batch_size, workers=workers, image_size=image_size, train=train,
-                        seed=seed, storage_options=storage_options, rank=rank, world_size=world_size,
-                        pin_memory=pin_memory, shuffle_buffer=shuffle_buffer, shard_sizes=shard_sizes,
-                        retries=retries, retry_wait=retry_wait, cache_dir=cache_dir)
-    return Loader(pipeline, epoch, start_batch, close_after=True)
+    return Loader(Pipeline(urls, **options), epoch, start_batch, close_after=True)
