@@ -16,16 +16,15 @@ import functools
 import logging
 import signal
 import sys
-import time
 
 import torch
 
-from pipeline.augment import Batch
 from pipeline.batches import share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
+from pipeline.passes import Pass
 from pipeline.plan import batches_to_skip, plan_epoch
 from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import expand_urls
@@ -37,7 +36,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Batch buffers per worker: the batches it may have made ahead (2), the one it is making, and
 # those the main process still holds (being reordered, or the step's batch and the one before
 # it, until the loop drops them).
-_BUFFERS_PER_WORKER = 6
+BUFFERS_PER_WORKER = 6
 STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
 
 
@@ -106,9 +105,7 @@ class Pipeline:
         self.train, self.workers = options.train, options.workers
         self.pin_memory = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
         self._layout = Layout(options.batch_size, options.image_size, options.train)
-        self._pending = {}  # (epoch, index) -> record that arrived before its turn
-        self._generation, self._next = 0, None  # the running pass, and the batch it gives next
-        self._chain = False  # does the running pass go on into the next epoch
+        self._pass: Pass | None = None  # the last pass started, while its workers run
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, *, chain: bool = True) -> "Loader":
         """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
@@ -118,11 +115,11 @@ class Pipeline:
 
     def close(self) -> None:
         """End the worker processes; a later pass starts new ones."""
+        if self._pass is not None:
+            self._pass.discard()
         if self._pool is not None:
-            for record in self._pending.values():
-                self._pool.discard(record)
             self._pool.close()
-        self._pool, self._pending, self._next = None, {}, None
+        self._pool, self._pass = None, None
 
     def __enter__(self):
         return self
@@ -133,52 +130,23 @@ class Pipeline:
     def __del__(self):
         self.close()
 
-    # --- the Loader's side ---------------------------------------------------------------
-    def _begin(self, epoch: int, start_batch: int, chain: bool) -> None:
+    def start_pass(self, epoch: int, start_batch: int, chain: bool) -> Pass:
+        """Epoch `epoch`'s records from `start_batch` on (what a Loader iterates). A train
+        pass that starts where the last one stopped goes on with the workers' records as they
+        come; any other starts the workers' sources anew (a new generation)."""
         if self._pool is None:
-            buffers = BatchBuffers(self._layout, self.options.processes, _BUFFERS_PER_WORKER, shared=self.workers > 0)
+            buffers = BatchBuffers(self._layout, self.options.processes, BUFFERS_PER_WORKER, shared=self.workers > 0)
             self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
                                     pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
-        # The workers' sources go on where the last pass left them only if it is making what is
-        # asked for now: the rest of the same epoch, or (chained) the next one, chained alike.
-        going_on = self._next == (epoch, start_batch) and (start_batch or self._chain) and chain == self._chain
-        if not (self.train and going_on):
-            for record in self._pending.values():
-                self._pool.discard(record)
-            self._pending = {}
-            self._generation = self._pool.start(epoch, start_batch, chain)
-            self._chain = chain
-
-    def _records(self, epoch: int, start_batch: int, stats: dict):
-        """The pass's records in batch order (the workers deliver them in any order)."""
-        for index in range(start_batch, self.batches_per_epoch):
-            record = self._pending.pop((epoch, index), None)
-            while record is None:
-                if (epoch, "error") in self._pending:
-                    raise PipelineError(self._pending.pop((epoch, "error")).error)
-                waiting = time.perf_counter()
-                got = next(self._pool.records(), None)  # never a variable: see WorkerPool.close
-                stats["wait_s"] += time.perf_counter() - waiting
-                if got is None:
-                    raise PipelineError(f"the loader's workers stopped before batch {index} of epoch {epoch}")
-                if got.generation != self._generation or got.epoch < epoch:
-                    self._pool.discard(got)
-                elif got.error is not None:
-                    self._pending[(got.epoch, "error")] = got
-                elif (got.epoch, got.index) == (epoch, index):
-                    record = got
-                else:
-                    self._pending[(got.epoch, got.index)] = got
-            last = index + 1 == self.batches_per_epoch
-            self._next = (epoch + 1, 0) if last else (epoch, index + 1)
-            yield record
-
-    def _batch(self, record) -> Batch:
-        fields = record.pinned
-        if fields is None:
-            fields = self._pool.buffers.tensors(record.buffer, record.fresh, record.count)
-        record.buffer = record.fresh = record.pinned = None  # the batch's tensors own the memory now
-        return Batch(fields, key=record.keys)
+        last = self._pass
+        if self.train and last is not None and last.goes_on_into(epoch, start_batch, chain):
+            self._pass = last.followed_by(epoch, start_batch)
+        else:
+            if last is not None:
+                last.discard()
+            self._pass = Pass(self._pool, generation=self._pool.start(epoch, start_batch, chain), epoch=epoch,
+                              start_batch=start_batch, batches_per_epoch=self.batches_per_epoch, chain=chain)
+        return self._pass
 
 
 class Loader:
@@ -212,10 +180,10 @@ class Loader:
 
     def __iter__(self):
         self.skipped, self.stats = [], self._zero_stats()
-        pipeline = self.pipeline
-        pipeline._begin(self.epoch, self.start_batch, self._chain)
+        this_pass = self.pipeline.start_pass(self.epoch, self.start_batch, self._chain)
         try:
-            for record in pipeline._records(self.epoch, self.start_batch, self.stats):
+            for record in this_pass.records():
+                self.stats["wait_s"] = this_pass.wait_seconds
                 for entry in record.skipped:
                     log.warning("skipped sample %r of %s: %s", entry["key"], entry["shard"], entry["reason"])
                 self.skipped.extend(record.skipped)
@@ -224,10 +192,10 @@ class Loader:
                 self.stats["skipped"] += len(record.skipped)
                 for stage, seconds in record.seconds.items():
                     self.stats[f"{stage}_s"] += seconds
-                yield pipeline._batch(record)
+                yield this_pass.batch(record)
         finally:
             if self._close_after:
-                pipeline.close()
+                self.pipeline.close()
 
 
 def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loader:
