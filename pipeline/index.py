@@ -21,13 +21,12 @@ import urllib.parse
 
 from pipeline import cache, schema
 from pipeline.clients import client, is_local
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, warn_once
 from pipeline.sources import expand_urls, shard_basename
 from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
-_warned_missing: set[str] = set()
 
 
 def index_url(url: str) -> str:
@@ -107,9 +106,8 @@ def load_index(url: str, storage_options: dict | None = None, *, expected: dict 
     else:
         data = read_whole(location, storage_options, retries=retries, retry_wait=retry_wait)
         if data is None:
-            if expected and location not in _warned_missing:
-                _warned_missing.add(location)
-                log.warning("%s: listed in the manifest but missing; reading the shard without it", location)
+            if expected:
+                warn_once(log, "%s: listed in the manifest but missing; reading the shard without it", location)
             return None
         if expected and "sha256" in expected and schema.file_record(data)["sha256"] != expected["sha256"]:
             log.warning("%s: not the index the manifest lists (sha256 differs); reading the shard without it",

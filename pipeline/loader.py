@@ -28,15 +28,11 @@ from pipeline.passes import Pass
 from pipeline.plan import batches_to_skip, plan_epoch
 from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import expand_urls
-from pipeline.workers import WorkerPool
+from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-# Batch buffers per worker: the batches it may have made ahead (2), the one it is making, and
-# those the main process still holds (being reordered, or the step's batch and the one before
-# it, until the loop drops them).
-BUFFERS_PER_WORKER = 6
 STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
 
 

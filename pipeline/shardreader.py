@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 
 from pipeline import cache, schema
 from pipeline.clients import is_local
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, warn_once
 from pipeline.index import count_local_samples, decoded, index_url, load_index
 from pipeline.sources import explicit_sizes, manifest_entries, shard_basename
 from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import BLOCK, TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
-
-_warned_no_index: set[str] = set()  # shards said to have no index, so later epochs do not say it again
-
 
 @dataclass
 class ShardSample:
@@ -152,10 +149,8 @@ def _discover(url: str, storage_options, retries: int, retry_wait: float) -> tup
     location = index_url(url)
     data = read_whole(location, storage_options, retries=retries, retry_wait=retry_wait)
     if data is None:
-        if url not in _warned_no_index:
-            _warned_no_index.add(url)
-            log.warning("%s has no index beside it: every worker reading part of it streams it from its "
-                        "first byte (python -m pipeline.index makes one)", url)
+        warn_once(log, "%s has no index beside it: every worker reading part of it streams it from its "
+                  "first byte (python -m pipeline.index makes one)", url)
         return None, None
     return schema.file_record(data), decoded(location, data)
 

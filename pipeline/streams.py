@@ -19,13 +19,12 @@ import time
 import fsspec.asyn
 
 from pipeline.clients import client, is_local, is_transient
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, warn_once
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_CHUNK = 8 << 20  # bytes per ranged GET: a few round trips per shard range, little memory
 _READ_CHUNK = 1 << 20
-_warned_no_range: set[str] = set()
 
 
 class _Seeking:
@@ -74,10 +73,8 @@ class _Http:
         if not self.done:
             response.raise_for_status()
         if response.status == 200 and start:
-            if url not in _warned_no_range:
-                _warned_no_range.add(url)
-                log.warning("%s: the server ignores Range requests; streaming from byte 0 and "
-                            "skipping to each range start", url)
+            warn_once(log, "%s: the server ignores Range requests; streaming from byte 0 and skipping to "
+                      "each range start", url)
             self._discard(start)
         elif response.status == 206 and start:
             first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]

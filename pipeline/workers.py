@@ -25,7 +25,12 @@ from pipeline.batchmemory import BatchBuffers
 
 # PassControl's shared integers.
 _GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
-_PREFETCH = 2  # batches each worker may have made ahead of the main process
+PREFETCH = 2  # batches each worker may have made ahead of the main process
+# Batch buffers each worker needs to write every batch into one (pipeline.batchmemory): those
+# it made ahead, the one it is making, and three the main process still holds (one put aside
+# by the reordering, the training step's batch and the one before it, which lives until the
+# loop's variable moves on). Fewer, and a worker falls back to fresh memory, slower.
+BUFFERS_PER_WORKER = PREFETCH + 1 + 3
 _PARENT_CHECK_SECONDS = 1.0
 
 
@@ -173,7 +178,7 @@ class WorkerPool:
         if workers:
             self._dataloader = DataLoader(
                 _SourceDataset(self.control, source), batch_size=None, num_workers=workers,
-                collate_fn=_as_is, persistent_workers=True, prefetch_factor=_PREFETCH,
+                collate_fn=_as_is, persistent_workers=True, prefetch_factor=PREFETCH,
                 in_order=False,  # records say where they belong, and a waiting worker must not hold up the others
                 pin_memory=pin_memory, worker_init_fn=functools.partial(_start_worker, self.control, worker_init_fn))
             self._records = None
