@@ -28,6 +28,7 @@ stopped by one: 143 for SIGTERM, 130 for SIGINT.
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,184 +38,222 @@ from tqdm import tqdm
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError
 from training import UserError, baselines, checkpoint, distributed, preflight, signals
-from training.logger import RunLogger, Window, log_window
+from training.logger import RunLogger, Window, count_window, window_record
 from training.options import LOSS_TERMS, parse_args
-from training.run import Run
+from training.run import Progress, Setup
 from training.runfolder import claim_run_folder
 from training.steps import amp_dtype_for, evaluate, prepare_batch, train_step, warmup_cosine
 from training.visual import save_preview
 
 
-def validate(run: Run) -> bool:
-    """Score the validation shards, log and preview the result; True when it is the best yet
-    (the caller saves best.pt)."""
-    # Once per run: what predicting without looking scores, judged in the model's own pass.
-    scorer = None
-    if not run.baselines_logged:
-        scorer = baselines.Scorer(baselines.fit(run.train_urls, run.loader_args, run.ctx.device), run.ctx.device)
-    result, preview = evaluate(run.model, run.val_data.epoch(0), run.ctx.device, amp_dtype=run.amp_dtype,
-                               channels_last=True, weights=run.weights, previews=run.args.previews, also=scorer)
-    if scorer is not None:
-        scores = scorer.compute()
-        run.logger.log("baseline", run.step, {"fit_samples": scorer.baselines.samples, **scores})
-        run.say(baselines.summary(scores, scorer.baselines.samples, result["rmse"]))
-        run.baselines_logged = True
-    run.logger.log("val", run.step, {"epoch": run.epoch, **result})
-    run.say(f"val @ step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-    if run.ctx.is_main and preview is not None:
-        save_preview(run.out / "previews" / f"step-{run.step}.png", *preview)
-    run.last_validated = run.step
-    improved = result["loss"] < run.best_loss
-    run.best_loss = min(run.best_loss, result["loss"])
-    return improved
-
-
-def save_checkpoints(run: Run, *, best: bool, last: bool) -> None:
-    """best.pt and/or last.pt (rank 0), from one snapshot when both are due at this step."""
-    if run.ctx.is_main and (best or last):
-        state = checkpoint.snapshot(run)
-        for due, name in ((best, "best.pt"), (last, "last.pt")):
-            if due:
-                checkpoint.save(run.out / name, state)
-
-
-def stop_now(run: Run, started: float) -> bool:
-    """Once per step, the same answer on every rank: is the time budget spent, or has any rank
-    been sent SIGTERM/SIGINT (then run.signum says which)?"""
-    out_of_time = bool(run.args.minutes) and time.monotonic() - started > run.args.minutes * 60
-    out_of_time, signum = distributed.all_max([out_of_time, run.stop_request.signum])
-    run.signum = int(signum)
-    return bool(out_of_time or signum)
-
-
-def train_epoch(run: Run, loader, bar: tqdm, started: float) -> bool:
-    """Train on `loader`'s batches until the epoch or the step budget ends, validating and
-    saving on schedule. Returns True when the run must stop (time budget spent, or a signal)."""
-    args, ctx = run.args, run.ctx
-    run.skipped_this_epoch = 0
-    stop = exhausted = False
-    terms = None
-    run.window.follow(loader)
-    batches = iter(loader)
-    while run.step < run.total_steps and not stop:
-        waiting = time.perf_counter()
-        batch = next(batches, None)
-        run.window.data_wait += time.perf_counter() - waiting
-        if batch is None:
-            exhausted = True
-            break
-        x, mask, depth = prepare_batch(batch, ctx.device, channels_last=True)
-        loss, step_terms = train_step(run.forward, run.optimizer, run.scaler, x, mask, depth,
-                                      weights=run.weights, amp_dtype=run.amp_dtype)
-        terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
-        run.scheduler.step()
-        run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
-        run.window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
-        run.window.samples += x.shape[0]
-        stop = stop_now(run, started)
-        last = run.step == run.total_steps or stop
-        if run.step % args.log_every == 0 or last:
-            log_window(run, loader, terms, bar)
-        bar.update(1)
-        # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
-        improved = False
-        if run.val_data and (run.step % args.val_every == 0 or last) and not run.signum:
-            try:
-                improved = validate(run)
-            except (UserError, PipelineError):  # the steps since the last save are not lost with it
-                save_checkpoints(run, best=False, last=True)
-                raise
-        save_checkpoints(run, best=improved, last=run.step % args.save_every == 0 or last)
-    if run.signum:  # now, before `batches` goes: its shutdown would wait for batches nobody wants
-        signals.stop_workers()
-    run.window.take_loader_stats(loader)
-    if exhausted:  # the epoch ran out (not a step limit): the next one starts from its top
-        run.skipped_before += distributed.all_sum([len(loader.skipped)])[0]
-        run.skipped_this_epoch = 0
-        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-    return stop
-
-
-def train(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> int:
-    """The whole run (OUT already claimed); returns the stop signal agreed on, or 0."""
-    # --- setup: data, and the checks that need it or the device --------------------------
-    out = Path(args.out)
-    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                       seed=args.seed, storage_options=args.storage_options, retries=args.retries,
-                       cache_dir=args.cache_dir, pin_memory=ctx.device.type == "cuda")
-    amp_dtype = amp_dtype_for(args.amp, ctx.device)
-    # Their workers live for the whole run: epochs and validations reuse them.
+# --- setup: the data, and the checks that need it or the device ---------------------------
+def open_data(args, ctx: distributed.Context, amp_dtype):
+    """make_loader's arguments shared by every pass, the training URLs, their Pipeline and the
+    validation Pipeline (None without validation shards), checked on every rank before the first step.
+    Their workers live for the whole run: epochs and validations reuse them."""
+    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size, seed=args.seed,
+                       storage_options=args.storage_options, retries=args.retries, cache_dir=args.cache_dir,
+                       pin_memory=ctx.device.type == "cuda")
     train_urls, train_data, val_urls, val_data = preflight.check_training(args, ctx, loader_args, amp_dtype)
-    steps_per_epoch = train_data.batches_per_epoch
     if ctx.is_main:
         tqdm.write(f"data: {len(train_urls)} training shards, {len(val_urls)} validation shards")
+    return loader_args, train_urls, train_data, val_data
 
-    # --- model and optimizer -------------------------------------------------------------
+
+# --- model and optimizer ----------------------------------------------------------------
+def build(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> Setup:
+    """The data, the model, its optimizer and schedule."""
+    amp_dtype = amp_dtype_for(args.amp, ctx.device)
+    loader_args, train_urls, train_data, val_data = open_data(args, ctx, amp_dtype)
     config = UNetConfig(width=args.width)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).
     model = UNet(config).to(ctx.device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.steps or args.epochs * steps_per_epoch
+    total_steps = args.steps or args.epochs * train_data.batches_per_epoch
     schedule_steps = args.schedule_steps or total_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, schedule_steps // 20)
     forward = model
     if ctx.world_size > 1:
         forward = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    run = Run(args=args, ctx=ctx, stop_request=stop_request, out=out, train_urls=train_urls, loader_args=loader_args,
-              train_data=train_data, val_data=val_data,
-              loader_identity=dict(world_size=ctx.world_size, workers=args.workers, batch_size=args.batch_size,
-                                   image_size=args.image_size, seed=args.seed),
-              config=config, model=model, forward=torch.compile(forward) if args.compile else forward,
-              optimizer=optimizer,
-              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(warmup, 1), schedule_steps)),
-              scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
-              weights=LossWeights(**{term: getattr(args, f"w_{term}") for term in LOSS_TERMS}),
-              amp_dtype=amp_dtype, total_steps=total_steps)
-    run.say(f"model: U-Net {config.to_dict()}, {count_parameters(model):,} parameters")
+    setup = Setup(
+        args=args, ctx=ctx, stop_request=stop_request, train_urls=train_urls, loader_args=loader_args,
+        train_data=train_data, val_data=val_data, config=config, model=model,
+        forward=torch.compile(forward) if args.compile else forward, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(warmup, 1), schedule_steps)),
+        scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
+        weights=LossWeights(**{term: getattr(args, f"w_{term}") for term in LOSS_TERMS}), amp_dtype=amp_dtype)
+    setup.say(f"model: U-Net {config.to_dict()}, {count_parameters(model):,} parameters")
+    return setup
 
-    # --- resume ----------------------------------------------------------------------------
-    if args.resume:
-        checkpoint.resume(run)
-        if run.step >= total_steps:
-            run.say(f"nothing to do: {out / 'last.pt'} is at step {run.step} and the run asks for {total_steps} steps")
-            return 0
 
-    # --- the loop ------------------------------------------------------------------------
-    run.logger = RunLogger(out, enabled=ctx.is_main)
-    run.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {args.batch_size} x "
-            f"{ctx.world_size} ranks) on {ctx.device}, amp {amp_dtype}")
-    started, stop = time.monotonic(), False
-    run.window = Window()  # from now: setup and resume are not in the first samples/s
+# --- resume -------------------------------------------------------------------------------
+def start_or_resume(setup: Setup) -> Progress:
+    """Step 0, or where OUT/last.pt stopped (--resume)."""
+    return checkpoint.resume(setup) if setup.args.resume else Progress()
+
+
+# --- the loop -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stop:
+    """Why the run ends before its step budget: a signal (`signum`), or the time budget (0)."""
+
+    signum: int
+
+
+def stop_now(setup: Setup, started: float) -> Stop | None:
+    """Once per step, the same answer on every rank: None to go on, else a Stop: the signal
+    when any rank has been sent SIGTERM/SIGINT, or 0 when the time budget is spent."""
+    minutes = setup.args.minutes
+    out_of_time = bool(minutes) and time.monotonic() - started > minutes * 60
+    out_of_time, signum = distributed.all_max([out_of_time, setup.stop_request.signum])
+    return Stop(int(signum)) if out_of_time or signum else None
+
+
+def log_train(setup: Setup, progress: Progress, logger: RunLogger, window: Window, loader, terms, bar) -> None:
+    """One metrics.jsonl line for the steps since the last one (all ranks take part), and the
+    progress bar's figures; the next window starts."""
+    totals = count_window(window, loader)
+    progress.count_skipped(totals.skipped_this_epoch)
+    record = window_record(window, totals, epoch=progress.epoch, terms=terms,
+                           lr=setup.scheduler.get_last_lr()[0], skipped=progress.skipped)
+    logger.log("train", progress.step, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    window.restart()
+
+
+def train_epoch(setup: Setup, progress: Progress, logger: RunLogger, window: Window, loader, bar: tqdm,
+                started: float) -> Stop | None:
+    """Train on `loader`'s batches until the epoch or the step budget ends, validating and
+    saving on schedule. Returns stop_now's last answer: None, or why the run must stop now."""
+    args, device, total_steps = setup.args, setup.ctx.device, setup.total_steps
+    stop = None
+    terms = None
+    window.follow(loader)
+    batches = iter(loader)
+    while progress.step < total_steps and stop is None:
+        waiting = time.perf_counter()
+        batch = next(batches, None)
+        window.data_wait += time.perf_counter() - waiting
+        if batch is None:  # the epoch ran out (not a step limit): the next one starts from its top
+            window.take_loader_stats(loader)
+            progress.finish_epoch(skipped=distributed.all_sum([len(loader.skipped)])[0])
+            return None
+        x, mask, depth = prepare_batch(batch, device, channels_last=True)
+        loss, step_terms = train_step(setup.forward, setup.optimizer, setup.scaler, x, mask, depth,
+                                      weights=setup.weights, amp_dtype=setup.amp_dtype)
+        terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
+        setup.scheduler.step()
+        progress.took_step()
+        window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
+        window.samples += x.shape[0]
+        stop = stop_now(setup, started)
+        last = progress.step == total_steps or stop is not None
+        if progress.step % args.log_every == 0 or last:
+            log_train(setup, progress, logger, window, loader, terms, bar)
+        bar.update(1)
+        # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
+        improved = False
+        if setup.val_data and (progress.step % args.val_every == 0 or last) and not (stop and stop.signum):
+            try:
+                improved = validate(setup, progress, logger)
+            except (UserError, PipelineError):  # the steps since the last save are not lost with it
+                save_checkpoints(setup, progress, best=False, last=True)
+                raise
+        save_checkpoints(setup, progress, best=improved, last=progress.step % args.save_every == 0 or last)
+    if stop and stop.signum:  # end the workers now, or `batches`' shutdown would wait for batches nobody wants
+        signals.stop_workers()
+    window.take_loader_stats(loader)
+    return stop
+
+
+def train(setup: Setup, progress: Progress, logger: RunLogger) -> int:
+    """Epoch after epoch up to the step budget; returns the stop signal agreed on, or 0."""
+    total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
+    setup.say(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {setup.args.batch_size} x "
+              f"{setup.ctx.world_size} ranks) on {setup.ctx.device}, amp {setup.amp_dtype}")
+    started, stop = time.monotonic(), None
+    window = Window()  # from now: setup and resume are not in the first samples/s
     # Closed however the loop ends, so an error line does not land on the end of a progress bar.
-    with tqdm(total=total_steps, initial=run.step, unit="step", disable=not ctx.is_main, dynamic_ncols=True) as bar:
-        while run.step < total_steps and not stop:
+    with tqdm(total=total_steps, initial=progress.step, unit="step", disable=not setup.ctx.is_main,
+              dynamic_ncols=True) as bar:
+        while progress.step < total_steps and stop is None:
             # Epoch after epoch from the same workers, which make epoch e+1 while e ends.
-            this_pass = steps_per_epoch - run.batch_in_epoch
-            loader = train_data.epoch(run.epoch, start_batch=run.batch_in_epoch,
-                                      chain=total_steps - run.step > this_pass)
-            stop = train_epoch(run, loader, bar, started)
+            this_pass = steps_per_epoch - progress.batch_in_epoch
+            loader = setup.train_data.epoch(progress.epoch, start_batch=progress.batch_in_epoch,
+                                            chain=total_steps - progress.step > this_pass)
+            stop = train_epoch(setup, progress, logger, window, loader, bar, started)
+    signum = stop.signum if stop else 0
+    # --- final evaluation and checkpoint ---
+    if setup.val_data and progress.last_validated != progress.step and not signum:
+        save_checkpoints(setup, progress, best=validate(setup, progress, logger), last=False)
+    return signum
 
-    # --- final evaluation and checkpoint ---------------------------------------------------
-    if val_data and run.last_validated != run.step and not run.signum:
-        save_checkpoints(run, best=validate(run), last=False)
-    run.logger.close()
-    for data in (train_data, val_data):  # (an early exit leaves this to their garbage collection)
+
+# --- evaluation ---------------------------------------------------------------------------
+def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
+    """Score the validation shards, log and preview the result; True when it is the best yet
+    (the caller saves best.pt)."""
+    device, step = setup.ctx.device, progress.step
+    # At this process's first validation: what predicting without looking scores, judged in
+    # the model's own pass.
+    scorer = None
+    if progress.last_validated < 0:
+        scorer = baselines.Scorer(baselines.fit(setup.train_urls, setup.loader_args, device), device)
+    result, preview = evaluate(setup.model, setup.val_data.epoch(0), device, amp_dtype=setup.amp_dtype,
+                               channels_last=True, weights=setup.weights, previews=setup.args.previews, also=scorer)
+    if scorer is not None:
+        scores = scorer.compute()
+        logger.log("baseline", step, {"fit_samples": scorer.baselines.samples, **scores})
+        setup.say(baselines.summary(scores, scorer.baselines.samples, result["rmse"]))
+    logger.log("val", step, {"epoch": progress.epoch, **result})
+    setup.say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    if setup.ctx.is_main and preview is not None:
+        save_preview(setup.out / "previews" / f"step-{step}.png", *preview)
+    return progress.validated(result["loss"])
+
+
+# --- checkpoint ---------------------------------------------------------------------------
+def save_checkpoints(setup: Setup, progress: Progress, *, best: bool, last: bool) -> None:
+    """best.pt and/or last.pt (rank 0), from one snapshot when both are due at this step."""
+    if setup.ctx.is_main and (best or last):
+        state = checkpoint.snapshot(setup, progress)
+        for due, name in ((best, "best.pt"), (last, "last.pt")):
+            if due:
+                checkpoint.save(setup.out / name, state)
+
+
+def report(setup: Setup, progress: Progress, signum: int) -> None:
+    """How the run ended, on every rank under torchrun (a rank that fell behind is visible)."""
+    ended = f"stopped by {signals.name(signum)}" if signum else "finished"
+    if setup.ctx.world_size > 1:
+        print(f"rank {setup.ctx.rank}/{setup.ctx.world_size}: {ended} at step {progress.step}", flush=True)
+    if signum:
+        setup.say(f"{ended} at step {progress.step}; {setup.out / 'last.pt'} saved: continue with --resume")
+    else:
+        setup.say(f"done at step {progress.step}; checkpoints in {setup.out}"
+                  + ("" if setup.val_data else " (no validation shards: no best.pt)"))
+    if progress.skipped:
+        setup.say(f"skipped {progress.skipped} corrupt or incomplete samples (see the warnings above)")
+
+
+def run(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> int:
+    """The whole run (OUT already claimed); returns the stop signal agreed on, or 0."""
+    setup = build(args, ctx, stop_request)
+    progress = start_or_resume(setup)
+    if progress.step >= setup.total_steps:
+        setup.say(f"nothing to do: {setup.out / 'last.pt'} is at step {progress.step} and the run asks for "
+                  f"{setup.total_steps} steps")
+        return 0
+    logger = RunLogger(setup.out, enabled=ctx.is_main)
+    signum = train(setup, progress, logger)
+    logger.close()
+    for data in (setup.train_data, setup.val_data):  # (an early exit leaves this to their garbage collection)
         if data is not None:
             data.close()
-    ended = f"stopped by {signals.name(run.signum)}" if run.signum else "finished"
-    if ctx.world_size > 1:  # every rank reports, so a rank that fell behind is visible
-        print(f"rank {ctx.rank}/{ctx.world_size}: {ended} at step {run.step}", flush=True)
-    if run.signum:
-        run.say(f"{ended} at step {run.step}; {out / 'last.pt'} saved: continue with --resume")
-    else:
-        run.say(f"done at step {run.step}; checkpoints in {out}"
-                + ("" if val_urls else " (no validation shards: no best.pt)"))
-    skipped = int(run.skipped_before + run.skipped_this_epoch)
-    if skipped:
-        run.say(f"skipped {skipped} corrupt or incomplete samples (see the warnings above)")
-    return run.signum
+    report(setup, progress, signum)
+    return signum
 
 
 def main(argv=None) -> int:
@@ -228,7 +267,7 @@ def main(argv=None) -> int:
             ctx = distributed.setup(args.device)
             try:
                 with claim_run_folder(Path(args.out), resume=args.resume, ctx=ctx):
-                    signum = train(args, ctx, stop_request)
+                    signum = run(args, ctx, stop_request)
             finally:
                 distributed.teardown()
         except (UserError, PipelineError) as err:

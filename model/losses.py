@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossWeights:
     """How much each term adds to the total loss (0 switches a term off)."""
 

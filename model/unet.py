@@ -17,7 +17,7 @@ STD = (0.229, 0.224, 0.225)
 MASK_PRIOR_LOGIT = -3.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UNetConfig:
     """Everything needed to rebuild the network (stored in checkpoints)."""
 

@@ -45,7 +45,8 @@ def test_every_loss_term_is_zero_for_a_perfect_prediction_and_positive_otherwise
 def test_loss_weights_scale_their_terms():
     mask = (torch.rand(1, 1, 32, 32) > 0.5).float()
     depth, pred = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
-    only_l1, terms = total_loss(torch.zeros_like(mask), pred, mask, depth, LossWeights(0, 0, 3, 0, 0))
+    only_l1, terms = total_loss(torch.zeros_like(mask), pred, mask, depth,
+                                LossWeights(bce=0, dice=0, l1=3, ssim=0, grad=0))
     assert torch.isclose(only_l1, 3 * terms["l1"])
 
 

@@ -17,6 +17,7 @@ from model import UNet, UNetConfig
 from pipeline.schema import replace_durably
 
 from . import UserError
+from .run import Progress
 
 FORMAT = "bgfg-unet-checkpoint/1"  # tells our checkpoints apart from any other .pt file
 
@@ -85,36 +86,34 @@ def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
         )
 
 
-# --- train.py's run (a training.run.Run) to a checkpoint and back ----------------------
-def snapshot(run) -> dict:
+# --- train.py's run (training.run.Setup and Progress) to a checkpoint and back ----------
+def snapshot(setup, progress) -> dict:
     """The checkpoint of where the run is: weights, optimizer, schedule, RNG and data position."""
-    at_epoch_end = run.batch_in_epoch >= run.train_data.batches_per_epoch
+    args = setup.args
     return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-        "step": run.step, "epoch": run.epoch + at_epoch_end,
-        "batch_in_epoch": 0 if at_epoch_end else run.batch_in_epoch,
+        "model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(),
+        **progress.state_dict(setup.steps_per_epoch),
         # Storage options may hold credentials: keep their names only.
-        "args": {**vars(run.args), "storage_options": sorted(run.args.storage_options or {})},
-        "model_config": run.config.to_dict(), "image_size": run.args.image_size, "loader": run.loader_identity,
-        "rng": rng_states(), "skipped": run.skipped_before + run.skipped_this_epoch,
-        "best_val_loss": run.best_loss,
+        "args": {**vars(args), "storage_options": sorted(args.storage_options or {})},
+        "model_config": setup.config.to_dict(), "image_size": args.image_size, "loader": setup.loader_identity,
+        "rng": rng_states(),
     }
 
 
-def resume(run) -> None:
-    """Load OUT/last.pt into the run: weights, optimizer, schedule, RNG and data position."""
-    path = run.out / "last.pt"
+def resume(setup) -> Progress:
+    """Load OUT/last.pt into the run's model, optimizer, schedule and RNG; returns its position."""
+    path = setup.out / "last.pt"
     state = load(path)
-    check_same_model(state, run.config, path)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    check_same_model(state, setup.config, path)
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    setup.scaler.load_state_dict(state["scaler"])
     restore_rng_states(state["rng"])
-    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    run.skipped_before, run.best_loss = state["skipped"], state["best_val_loss"]
-    if state["loader"] != run.loader_identity:
-        run.say(f"warning: resuming with different loader settings ({state['loader']} -> {run.loader_identity}); "
-                f"the rest of epoch {run.epoch} may repeat or miss samples")
-    run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+    progress = Progress.from_state_dict(state)
+    if state["loader"] != setup.loader_identity:
+        setup.say(f"warning: resuming with different loader settings ({state['loader']} -> {setup.loader_identity}); "
+                  f"the rest of epoch {progress.epoch} may repeat or miss samples")
+    setup.say(f"resumed from {path} at step {progress.step} (epoch {progress.epoch}, batch {progress.batch_in_epoch})")
+    return progress

@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from training import distributed
@@ -19,10 +20,14 @@ class Window:
     STAGES = ("read", "decode", "fit")
 
     def __init__(self):
+        self._followed, self._seen = None, {}
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the next window; the loader's stages count on from where this one stopped."""
         self.start = time.perf_counter()
         self.loss, self.samples, self.data_wait = 0.0, 0, 0.0
         self.loader = dict.fromkeys(self.STAGES, 0.0)
-        self._followed, self._seen = None, {}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -30,12 +35,6 @@ class Window:
     def follow(self, loader) -> None:
         """Count `loader`'s stage seconds from now on (a window can span two epochs' loaders)."""
         self._followed, self._seen = loader, {stage: loader.stats[f"{stage}_s"] for stage in self.STAGES}
-
-    def next(self) -> "Window":
-        """The window after this one: it counts the loader's stages from where this one stopped."""
-        following = Window()
-        following._followed, following._seen = self._followed, dict(self._seen)
-        return following
 
     def take_loader_stats(self, loader) -> None:
         """Add what `loader`'s stages took since last seen."""
@@ -74,9 +73,27 @@ class RunLogger:
             self.writer.close()
 
 
-def log_window(run, loader, terms: dict | None, bar) -> None:
-    """One metrics.jsonl line (and progress-bar figures) for `run`'s steps since the last one
-    (a training.run.Run; `terms` the last step's loss terms, `bar` its tqdm bar).
+@dataclass(frozen=True)
+class WindowTotals:
+    """A window's figures summed over all ranks, and the bad samples the epoch's loader met so far."""
+
+    loss_sum: float
+    samples: int
+    skipped_this_epoch: int
+
+
+def count_window(window: Window, loader) -> WindowTotals:
+    """Sum `window` and the bad samples `loader` has met over all ranks (a collective: every
+    rank calls it at the same step)."""
+    window.take_loader_stats(loader)
+    loss_sum, samples, skipped = distributed.all_sum([float(window.loss), window.samples, len(loader.skipped)])
+    return WindowTotals(loss_sum, int(samples), int(skipped))
+
+
+def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: dict | None, lr: float,
+                  skipped: int) -> dict:
+    """The metrics.jsonl line of a window (`terms`: the last step's loss terms; `skipped`: the
+    run's bad samples so far, all ranks).
 
     Besides data_wait (the share of the time the loop waited for a batch), it says where this
     rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
@@ -84,17 +101,10 @@ def log_window(run, loader, terms: dict | None, bar) -> None:
     decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
     step shows whether the data or the model held it up, and which stage of the data.
     """
-    window = run.window
-    window.take_loader_stats(loader)
-    loss_sum, samples, run.skipped_this_epoch = distributed.all_sum(
-        [float(window.loss), window.samples, len(loader.skipped)])
     seconds = window.seconds()
     local_samples = max(window.samples, 1)
-    record = {"epoch": run.epoch, "loss": loss_sum / samples if samples else float("nan"),
-              **{k: float(v) for k, v in (terms or {}).items()}, "lr": run.scheduler.get_last_lr()[0],
-              "samples_per_s": samples / seconds, "data_wait": window.data_wait / seconds,
-              **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in Window.STAGES},
-              "skipped": int(run.skipped_before + run.skipped_this_epoch)}
-    run.logger.log("train", run.step, record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-    run.window = window.next()
+    return {"epoch": epoch, "loss": totals.loss_sum / totals.samples if totals.samples else float("nan"),
+            **{k: float(v) for k, v in (terms or {}).items()}, "lr": lr,
+            "samples_per_s": totals.samples / seconds, "data_wait": window.data_wait / seconds,
+            **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in Window.STAGES},
+            "skipped": skipped}

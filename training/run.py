@@ -1,9 +1,9 @@
-"""The state of one training run: the parts train.py builds at setup and the position it
-has reached, passed to its loop, validation, logging and checkpoints (training/checkpoint.py
-saves and restores the position)."""
+"""One training run's state, in two parts: what train.py builds at setup (Setup, frozen) and
+the position the run has reached (Progress, changed only by its own methods). Checkpoints
+save and restore the Progress (training/checkpoint.py)."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,22 +12,19 @@ from tqdm import tqdm
 from model import LossWeights, UNetConfig
 from pipeline import Pipeline
 from training import distributed, signals
-from training.logger import RunLogger, Window
 
 
-@dataclass
-class Run:
-    """Everything one training run holds: the parts built at setup and the position reached."""
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """The parts of a run built before its first step; none of them is replaced while it runs."""
 
     args: object
     ctx: distributed.Context
     stop_request: signals.StopRequest
-    out: Path
     train_urls: list
     loader_args: dict  # make_loader's arguments, but for train and epoch
     train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
     val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
-    loader_identity: dict  # what must not change for a mid-epoch resume to see the same batches
     config: UNetConfig
     model: torch.nn.Module
     forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
@@ -36,19 +33,77 @@ class Run:
     scaler: torch.amp.GradScaler
     weights: LossWeights
     amp_dtype: torch.dtype | None
-    total_steps: int
-    logger: RunLogger | None = None
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    skipped_before: int = 0  # bad samples met in earlier epochs, all ranks
-    skipped_this_epoch: int = 0
-    best_loss: float = math.inf
-    last_validated: int = -1
-    signum: int = 0  # the stop signal every rank has agreed on, 0 while none
-    baselines_logged: bool = False
-    window: Window = field(default_factory=Window)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_data.batches_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.args.steps or self.args.epochs * self.steps_per_epoch
+
+    @property
+    def loader_identity(self) -> dict:
+        """What must not change for a mid-epoch resume to see the same batches."""
+        args = self.args
+        return dict(world_size=self.ctx.world_size, workers=args.workers, batch_size=args.batch_size,
+                    image_size=args.image_size, seed=args.seed)
 
     def say(self, message: str) -> None:
         if self.ctx.is_main:
             tqdm.write(message)
+
+
+@dataclass(kw_only=True)
+class Progress:
+    """Where the run stands: steps taken, the position in the epoch, bad samples met (all
+    ranks), the best validation loss. Each field changes in one method below."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_before: int = 0  # bad samples met in earlier epochs and earlier runs, all ranks
+    skipped_this_epoch: int = 0  # as last agreed over the ranks (at a log line)
+    best_loss: float = math.inf
+    last_validated: int = -1  # the step of this process's last validation; -1 before its first
+
+    @property
+    def skipped(self) -> int:
+        """Every bad sample the run has met so far, all ranks."""
+        return int(self.skipped_before + self.skipped_this_epoch)
+
+    def took_step(self) -> None:
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+
+    def count_skipped(self, this_epoch: int) -> None:
+        """The bad samples this epoch's loader has met so far, summed over the ranks."""
+        self.skipped_this_epoch = int(this_epoch)
+
+    def finish_epoch(self, skipped: int) -> None:
+        """The epoch ran out, having met `skipped` bad samples (all ranks): the next starts at its top."""
+        self.skipped_before += int(skipped)
+        self.skipped_this_epoch = 0
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def validated(self, loss: float) -> bool:
+        """Record a validation at this step; True when its loss is the best yet."""
+        self.last_validated = self.step
+        improved = loss < self.best_loss
+        self.best_loss = min(self.best_loss, loss)
+        return improved
+
+    def state_dict(self, steps_per_epoch: int) -> dict:
+        """The checkpoint's part of it; a finished epoch is saved as the next one's top."""
+        at_epoch_end = self.batch_in_epoch >= steps_per_epoch
+        return {"step": self.step, "epoch": self.epoch + at_epoch_end,
+                "batch_in_epoch": 0 if at_epoch_end else self.batch_in_epoch,
+                "skipped": self.skipped, "best_val_loss": self.best_loss}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Progress":
+        return cls(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                   skipped_before=state["skipped"], best_loss=state["best_val_loss"])
