@@ -7,9 +7,11 @@ sample; an epoch over ranks x workers fetches each shard byte about once, and a 
 makes later epochs and runs fetch none.
 """
 
+import json
 import logging
 import os
 import shutil
+import tarfile
 import threading
 import time
 
@@ -55,6 +57,25 @@ def three_shards(tmp_path_factory):
 
 def _shard_bytes(folder) -> int:
     return sum(os.path.getsize(folder / name) for name in _shard_names(folder))
+
+
+def _keys_in(folder) -> list[str]:
+    """The keys of the training shards in `folder`, read from the tar files themselves."""
+    return [key for name in _shard_names(folder) for key in dict.fromkeys(
+        schema.split_member(member)[0] for member in tarfile.open(folder / name).getnames())]
+
+
+def _shard_samples(folder) -> int:
+    return sum(e["samples"] for e in json.loads((folder / schema.MANIFEST).read_text())["shards"])
+
+
+def _sample_bytes(folder) -> int:
+    """The bytes of the shards' samples (end-of-archive blocks left out): what a reader must fetch."""
+    total = 0
+    for name in _shard_names(folder):
+        index = schema.decode_index((folder / schema.index_name(name)).read_bytes())
+        total += index.offsets[-1] - index.offsets[0]
+    return total
 
 
 def _eval_keys(urls, **kwargs):
@@ -199,10 +220,12 @@ def test_an_epoch_over_4_ranks_x_2_workers_fetches_each_shard_byte_once(three_sh
     shard_bytes = _shard_bytes(three_shards)
     assert tar <= 1.1 * shard_bytes, (tar, shard_bytes)
     assert other <= 0.1 * shard_bytes, other
-    assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) == len(loaders[0]) > 0
+    # 48 samples, 12 a rank, batches of 2: each rank steps 6 times and every sample comes once.
+    batches_per_rank = _shard_samples(three_shards) // 4 // 2
+    assert [len(batches) for batches in ranks] == [len(loader) for loader in loaders] == [batches_per_rank] * 4
     assert all(len(keys) == 2 for batches in ranks for keys in batches)
     delivered = [key for batches in ranks for keys in batches for key in keys]
-    assert len(delivered) == len(set(delivered))
+    assert sorted(delivered) == sorted(_keys_in(three_shards))
 
 
 def _epochs(url, cache_dir, epochs=(0, 1), world_size=2, workers=2):
@@ -271,12 +294,14 @@ def test_s3_ranged_reads_fetch_each_shard_byte_once(three_shards, aws_env, tmp_p
     with servers.rclone_s3(tmp_path, ACCESS_KEY, SECRET_KEY) as server:
         _upload_with_boto3(server.url, three_shards)
         with counting.proxy(server.url) as (proxy, sent):
-            for rank in range(ranks):
-                for _ in make_loader(f"s3://{BUCKET}/batch-{{1..3}}.tar", batch_size=2, workers=workers,
-                                     image_size=SIZE, train=True, rank=rank, world_size=ranks,
-                                     storage_options=_s3_options(proxy)):
-                    pass
+            delivered = [key for rank in range(ranks)
+                         for batch in make_loader(f"s3://{BUCKET}/batch-{{1..3}}.tar", batch_size=2, workers=workers,
+                                                  image_size=SIZE, train=True, rank=rank, world_size=ranks,
+                                                  storage_options=_s3_options(proxy))
+                         for key in batch["key"]]
             total = sent()
+    assert sorted(delivered) == sorted(_keys_in(three_shards))  # every sample, once: none skipped, none left
+    assert total >= _sample_bytes(three_shards), (total, _sample_bytes(three_shards))
     small_files = ranks * os.path.getsize(three_shards / schema.MANIFEST) + ranks * workers * sum(
         os.path.getsize(three_shards / schema.index_name(name)) for name in _shard_names(three_shards))
     assert total <= 1.1 * _shard_bytes(three_shards) + small_files, (total, _shard_bytes(three_shards), small_files)
