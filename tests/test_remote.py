@@ -260,12 +260,16 @@ def test_simplecache_urls_keep_their_cache_across_shards_and_epochs(three_shards
     url = f"simplecache::{{}}/batch-{{{{1..3}}}}.tar"
     with counting.http_server(three_shards) as server:
         # Both ranks of epoch 0 in this one process, whose one simplecache client fetches each shard
-        # once (fsspec's HTTP asks whether a file exists with a GET first, hence up to 2x)...
+        # once: two GETs of it at most, since fsspec's HTTP asks whether a file exists with a GET
+        # first (closed early, but its bytes may already be on their way, hence up to 2x)...
         _epochs(url.format(server.url), None, epochs=(0,), workers=0)
-        first = server.bytes_sent(".tar")
+        first, requests = server.bytes_sent(".tar"), dict(server.requests)
         _epochs(url.format(server.url), None, epochs=(1,), workers=0)
         # ... and the next epoch reads them all from its cache.
         assert server.bytes_sent(".tar") == first <= 2 * _shard_bytes(three_shards)
+        shard_requests = {path: count for path, count in server.requests.items() if path.endswith(".tar")}
+    assert shard_requests == {f"/{name}": requests[f"/{name}"] for name in _shard_names(three_shards)}
+    assert all(count <= 2 for count in shard_requests.values()), shard_requests  # a second download is a 3rd GET
 
 
 def test_a_server_without_range_gives_the_local_keys_and_warns_once_per_shard(three_shards, caplog):
