@@ -128,7 +128,7 @@ def validated(out: Path) -> bool:
 def test_a_signal_while_the_validation_workers_wait_for_their_next_pass_still_exits(shard_dir, tmp_path):
     """Between validations the validation pipeline's workers sleep waiting for a pass; train.py
     kills them at a stop signal, and closing their pipeline after that must not wait on them
-    (it once hung there for good, last.pt saved but the process never ending)."""
+    (else last.pt is saved but the process never ends)."""
     out = tmp_path / "run"
     with start_train(shard_dir, out, tmp_path / "logs", *SCHEDULE, "--workers", "2", "--val-every", "2",
                      "--val-shards", str(shard_dir / "val-1.tar")) as job:
