@@ -7,13 +7,16 @@ sample; an epoch over ranks x workers fetches each shard byte about once, and a 
 makes later epochs and runs fetch none.
 """
 
+import ipaddress
 import json
 import logging
 import os
 import shutil
+import socket
 import tarfile
 import threading
 import time
+from urllib.parse import urlsplit
 
 # gcsfs reads this at import: the fake server has no hierarchical-namespace API.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
@@ -24,13 +27,28 @@ import counting  # tests/counting.py, tests/servers.py: pytest puts this folder 
 import servers
 
 import convert_zips
-from pipeline import PipelineError, make_loader, schema
+from pipeline import PipelineError, clients, make_loader, schema
 from seedzips import synthetic
 
 BUCKET = "bucket"
 ACCESS_KEY, SECRET_KEY = "pipeline-test-access", "pipeline-test-secret"
 FAST_FAIL = dict(retries=1, retry_wait=0.01)
+# A failure with FAST_FAIL takes well under a second; the default schedule (5 retries waiting
+# 1, 2, 4, 8, 16 s) at least 31 s. The bound between them is headroom for a loaded 2-core machine.
+QUICKLY = 15.0
 SIZE = 16
+
+
+def assert_loopback(url: str) -> str:
+    """Fail, never skip, unless `url`'s host resolves to 127.0.0.0/8 alone: these tests must
+    not reach beyond this machine, also where no network namespace guards them (make test's
+    `unshare -n` is left out where the machine forbids it). Returns `url`."""
+    host = urlsplit(url).hostname
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    outside = sorted(a for a in addresses if ipaddress.ip_address(a) not in ipaddress.ip_network("127.0.0.0/8"))
+    if not addresses or outside:
+        pytest.fail(f"refusing to run: endpoint {url} resolves outside 127.0.0.0/8 ({', '.join(outside)})")
+    return url
 
 
 def _shard_names(shard_dir):
@@ -94,6 +112,7 @@ def _upload_with_boto3(endpoint: str, folder, prefix: str = "") -> None:
     """Upload as users do: boto3 with its default checksums (a whole-object CRC32 on each)."""
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                       aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    assert_loopback(s3.meta.endpoint_url)
     s3.create_bucket(Bucket=BUCKET)
     for name in sorted(os.listdir(folder)):
         s3.upload_file(str(folder / name), BUCKET, prefix + name)
@@ -126,19 +145,19 @@ def s3_endpoint(shard_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gcs_endpoint(served_root):
     with servers.fake_gcs_server(served_root) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 @pytest.fixture(scope="module")
 def nginx_url(served_root, tmp_path_factory):
     with servers.nginx(served_root, tmp_path_factory.mktemp("nginx")) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 @pytest.fixture(scope="module")
 def python_http_url(served_root):
     with servers.python_http(served_root) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 def _pattern(base, shard_dir):
@@ -147,7 +166,8 @@ def _pattern(base, shard_dir):
 
 
 def _s3_options(endpoint, **extra):
-    return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": endpoint}, **extra}
+    return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": assert_loopback(endpoint)},
+            **extra}
 
 
 @pytest.mark.parametrize("server", ["nginx_url", "python_http_url"])
@@ -169,6 +189,10 @@ def test_s3_from_environment_credentials_and_endpoint(s3_endpoint, aws_env, shar
     aws_env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     aws_env.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    # The endpoint the client really uses comes from the environment alone: checked before any request.
+    fs, _ = clients.client(f"s3://{BUCKET}/batch-1.tar")
+    fs.connect()
+    assert assert_loopback(fs.s3.meta.endpoint_url).rstrip("/") == s3_endpoint
     assert _eval_keys(f"s3://{BUCKET}/*.tar") == local_keys  # a glob, listed on the server
 
 
@@ -182,7 +206,7 @@ def test_missing_shard_names_the_url(nginx_url):
     started = time.monotonic()
     with pytest.raises(PipelineError, match=f"cannot read {url}: FileNotFoundError"):
         make_loader(url, batch_size=2, workers=0, shard_sizes=[4], **FAST_FAIL)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < QUICKLY
 
 
 def test_unreachable_server_names_the_url_quickly():
@@ -191,7 +215,7 @@ def test_unreachable_server_names_the_url_quickly():
     # The manifest beside the shard is the first thing read, even with shard_sizes given.
     with pytest.raises(PipelineError, match=f"cannot read {base}/{schema.MANIFEST} after 2 attempts"):
         make_loader(f"{base}/batch-1.tar", batch_size=2, workers=0, shard_sizes=[4], **FAST_FAIL)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < QUICKLY
     with pytest.raises(PipelineError, match=f"cannot list {base}/val-\\*.tar"):
         make_loader(f"{base}/val-*.tar", batch_size=2, workers=0, **FAST_FAIL)
 
