@@ -1,6 +1,9 @@
-"""What several test files share: tiny train.py runs on the CPU, their checkpoints, and
-waiting for what a running process does."""
+"""What several test files share: converted folders compared, tiny train.py runs on the CPU,
+their checkpoints, and waiting for what a running process does."""
 
+import filecmp
+import json
+import os
 import time
 from pathlib import Path
 
@@ -8,6 +11,21 @@ import pytest
 import torch
 
 import train
+from pipeline import schema
+
+
+def read_manifest(out) -> dict:
+    with open(os.path.join(out, schema.MANIFEST)) as f:
+        return json.load(f)
+
+
+def assert_same_folders(a, b) -> None:
+    """The two folders hold the same file names with the same bytes."""
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b))
+    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    assert (mismatch, errors) == ([], [])
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(ROOT / ".venv" / "bin" / "torchrun")

@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, checkpoint_step, run_train, tiny,
                      wait_for)
