@@ -11,7 +11,7 @@ import pytest
 import counting  # tests/counting.py: pytest puts this folder on the path
 
 from pipeline import PipelineError, cache, make_loader, schema
-from pipeline.shardreader import read_samples
+from pipeline.shardreader import ShardInfo, read_samples
 
 SHARD = schema.shard_name(schema.TRAIN_PREFIX, 1)
 
@@ -79,9 +79,19 @@ def test_local_shards_are_read_in_place_and_an_unusable_cache_dir_fails_in_one_l
         make_loader(str(shard_dir / SHARD), batch_size=2, workers=0, cache_dir=tmp_path / "file" / "cache")
 
 
-def test_a_cached_shard_reads_as_the_remote_one(served, shard_dir, tmp_path):
-    server, expected, _ = served
+def test_a_cached_shard_reads_as_the_remote_one(served, tmp_path):
+    server, expected, data = served
     url = f"{server.url}/{SHARD}"
     remote = [(s.key, s.members) for s in read_samples(url, 0)]
-    from_cache = [(s.key, s.members) for s in read_samples(url, 0, cache_dir=str(tmp_path / "cache"))]
-    assert from_cache == remote
+    # What prepare_shards learns from a manifest: the shard's size and sha256 (no index: streamed).
+    info = ShardInfo(url, len(remote), expected, None)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()  # as prepare_shards makes it
+    server.reset()
+    first = [(s.key, s.members) for s in read_samples(url, 0, info=info, cache_dir=str(cache_dir))]
+    cached = cache_dir / cache.cached_name(SHARD, expected)
+    assert first == remote and cached.read_bytes() == data
+    assert server.bytes_sent() == len(data)  # downloaded whole, once
+    server.reset()
+    again = [(s.key, s.members) for s in read_samples(url, 0, info=info, cache_dir=str(cache_dir))]
+    assert again == remote and server.bytes_sent() == 0  # read from the copy

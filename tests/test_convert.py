@@ -1,6 +1,5 @@
 """convert_zips.py on generated data: round trip, splits, readers, reproducibility, resume."""
 
-import filecmp
 import json
 import multiprocessing
 import os
@@ -15,14 +14,10 @@ from pathlib import Path
 import webdataset
 
 import convert_zips
+from helpers import assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
-
-
-def read_manifest(out) -> dict:
-    with open(os.path.join(out, schema.MANIFEST)) as f:
-        return json.load(f)
 
 
 def _read_shard(path) -> list:
@@ -45,13 +40,6 @@ def _samples(out) -> dict:
         assert all(list(members) == list(schema.MEMBERS) for members in samples.values())
         shards[entry["name"]] = samples
     return shards
-
-
-def assert_same_folders(a, b) -> None:
-    names = sorted(os.listdir(a))
-    assert names == sorted(os.listdir(b))
-    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    assert (mismatch, errors) == ([], [])
 
 
 def test_round_trip_keeps_every_complete_sample_once_with_its_bytes(seed_dataset, shard_dir):

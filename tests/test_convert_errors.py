@@ -14,8 +14,8 @@ import pytest
 
 import convert_zips
 from faults import file_size_limit
+from helpers import assert_same_folders, read_manifest
 from pipeline import schema
-from test_convert import assert_same_folders, read_manifest
 
 
 def _broken_copy(dataset, tmp_path, change) -> str:

@@ -142,9 +142,12 @@ def test_a_missing_or_damaged_index_makes_the_converter_rewrite_its_shard(seed_d
     shutil.copytree(shard_dir, out)
     os.remove(out / schema.index_name(schema.shard_name(schema.TRAIN_PREFIX, 1)))
     (out / schema.index_name(schema.shard_name(schema.TRAIN_PREFIX, 2))).write_bytes(b"{}")
-    kept = out / schema.shard_name(schema.VAL_PREFIX, 1)
-    inode = os.stat(kept).st_ino
+    shards = [out / schema.shard_name(schema.TRAIN_PREFIX, i) for i in (1, 2)] + [
+        out / schema.shard_name(schema.VAL_PREFIX, 1)]
+    before = [os.stat(shard).st_ino for shard in shards]  # a rewrite replaces the file: a new inode
     convert_zips.convert(seed_dataset[0], out, **shard_options)
-    assert os.stat(kept).st_ino == inode  # its index was intact: not rewritten
+    after = [os.stat(shard).st_ino for shard in shards]
+    assert after[0] != before[0] and after[1] != before[1]  # index missing, index damaged: rewritten
+    assert after[2] == before[2]  # its index was intact: not rewritten
     for name in os.listdir(shard_dir):
         assert (out / name).read_bytes() == (shard_dir / name).read_bytes(), name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,11 +44,19 @@ def one_shard_dir(seed_dataset, shard_options, tmp_path_factory):
     return out
 
 
-def _run_ranks(urls, world_size=2, **kwargs):
-    """Every rank's (len, batches) for one epoch; ranks simulated by passing rank/world_size."""
+class RankEpoch(NamedTuple):
+    """One rank's epoch: the batch count its loader planned, the batches it gave, the loader."""
+
+    planned: int
+    batches: list
+    loader: object
+
+
+def _run_ranks(urls, world_size=2, **kwargs) -> list[RankEpoch]:
+    """Every rank's epoch; ranks simulated by passing rank/world_size."""
     loaders = [make_loader(urls, rank=r, world_size=world_size, image_size=SIZE, **kwargs)
                for r in range(world_size)]
-    return [(len(loader), list(loader), loader) for loader in loaders]
+    return [RankEpoch(len(loader), list(loader), loader) for loader in loaders]
 
 
 def _keys(batches):
@@ -60,25 +69,24 @@ def test_eval_delivers_every_good_key_once_over_2_ranks_x_2_workers(which, shard
     truncated = set(seed_dataset[1]["faults"]["truncated"])
     expected = set().union(*map(_shard_keys, urls))
     ranks = _run_ranks(urls, batch_size=2, workers=2, train=False)
-    lengths = [length for length, _, _ in ranks]
-    assert lengths[0] == lengths[1] == len(ranks[0][1]) == len(ranks[1][1])
-    delivered = _keys(ranks[0][1]) + _keys(ranks[1][1])
+    assert ranks[0].planned == ranks[1].planned == len(ranks[0].batches) == len(ranks[1].batches)
+    delivered = _keys(ranks[0].batches) + _keys(ranks[1].batches)
     assert len(delivered) == len(set(delivered))
     assert set(delivered) == expected - truncated
-    skipped = [record for _, _, loader in ranks for record in loader.skipped]
+    skipped = [record for rank in ranks for record in rank.loader.skipped]
     assert [r["key"] for r in skipped] == sorted(truncated)
     assert "truncated" in skipped[0]["reason"] and skipped[0]["shard"] in urls
-    assert sum(loader.stats["samples"] for _, _, loader in ranks) == len(expected) - 1
+    assert sum(rank.loader.stats["samples"] for rank in ranks) == len(expected) - 1
 
 
 def test_train_equal_batches_and_no_sample_twice(one_shard_dir):
     ranks = _run_ranks(_all_shards(one_shard_dir), batch_size=3, workers=2, train=True)
-    assert ranks[0][0] == ranks[1][0] == len(ranks[0][2]) > 0
-    for length, batches, loader in ranks:
-        assert len(batches) == length
-        assert all(len(batch["key"]) == 3 for batch in batches)  # spares replace the bad sample
-        assert loader.num_samples == 3 * length
-    delivered = _keys(ranks[0][1]) + _keys(ranks[1][1])
+    assert ranks[0].planned == ranks[1].planned == len(ranks[0].loader) > 0
+    for rank in ranks:
+        assert len(rank.batches) == rank.planned
+        assert all(len(batch["key"]) == 3 for batch in rank.batches)  # spares replace the bad sample
+        assert rank.loader.num_samples == 3 * rank.planned
+    delivered = _keys(ranks[0].batches) + _keys(ranks[1].batches)
     assert len(delivered) == len(set(delivered))
 
 
@@ -131,12 +139,19 @@ def test_augmentation_keeps_the_four_images_aligned(shard_dir):
     assert sum(aligned) / len(aligned) > sum(shifted) / len(shifted) + 0.3
 
 
+def _draw(**fields) -> list[float]:
+    """One augmentation draw as an AUG_FIELDS row: the fields given, the rest leaving images as they are."""
+    unchanged = dict(flip=0.0, top=0.0, left=0.0, height=1.0, width=1.0, brightness=1.0, contrast=1.0, saturation=1.0)
+    assert fields.keys() <= unchanged.keys() and unchanged.keys() == set(AUG_FIELDS)
+    return [float({**unchanged, **fields}[name]) for name in AUG_FIELDS]
+
+
 def test_device_augmentation_crops_flips_and_jitters_as_drawn():
     ramp = torch.arange(64.0).view(1, 1, 8, 8)
     images = {"bg": ramp.repeat(2, 3, 1, 1), "bgfg": ramp.repeat(2, 3, 1, 1) + 1,
               "mask": (ramp > 30).float().repeat(2, 1, 1, 1), "depth": ramp.repeat(2, 1, 1, 1)}
-    same = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    flipped_half = [1.0, 0.0, 0.5, 1.0, 0.5, 1.2, 1.0, 1.0]  # right half, mirrored, brighter
+    same = _draw()
+    flipped_half = _draw(flip=1, left=0.5, width=0.5, brightness=1.2)  # right half, mirrored, brighter
     out = apply(images, torch.tensor([same, flipped_half]))
     assert torch.equal(out["depth"][0], ramp[0]) and torch.equal(out["mask"][0], images["mask"][0])
     right_half_mirrored = ramp[0, :, :, 4:].flip(-1)
@@ -152,9 +167,10 @@ def test_jitter_with_contrast_keeps_bgfg_minus_bg_zero_outside_the_object():
     obj[..., 4:9, 2:7] = 1  # the pasted object: a bright square on the left
     bgfg = torch.where(obj.bool(), torch.full_like(bg, 250.0), bg)
     images = {"bg": bg, "bgfg": bgfg, "mask": obj, "depth": bg[:, :1]}
-    # Uncropped, one of them flipped; contrast != 1 both times (the case that once went wrong).
-    draws = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.1, 0.7, 0.8],
-                          [1.0, 0.0, 0.0, 1.0, 1.0, 0.9, 1.3, 1.2]])
+    # Uncropped, one of them flipped; contrast != 1 both times, where a jitter
+    # computed from each image's own statistics would leave bg and bgfg apart outside the object.
+    draws = torch.tensor([_draw(brightness=1.1, contrast=0.7, saturation=0.8),
+                          _draw(flip=1, brightness=0.9, contrast=1.3, saturation=1.2)])
     out = apply(images, draws)
     outside = out["mask"] == 0
     difference = (out["bgfg"] - out["bg"]).abs()
@@ -229,7 +245,7 @@ def test_a_shard_lost_mid_epoch_raises_one_line_naming_it(shard_dir, tmp_path):
 
 # A script's unfinished pass often lives until the interpreter exits, whether the script ends
 # or fails. multiprocessing then sends the workers SIGTERM and waits for them, and a worker
-# ignores SIGTERM while its pool is open (it once waited forever).
+# ignores SIGTERM while its pool is open: the exit must not wait on it for good.
 _LEFT_OPEN = """
 import sys
 from pipeline import make_loader

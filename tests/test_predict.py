@@ -17,18 +17,17 @@ from PIL import Image
 import predict
 from faults import overwrite
 import train
+from helpers import CPU, ROOT
 from pipeline import schema
 from pipeline.decode import BadSample, check
 from pipeline.shardreader import read_samples
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(shard_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict-run") / "run"
     argv = ["--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(out), "--image-size", "64",
-            "--width", "4", "--batch-size", "4", "--workers", "0", "--steps", "1"]
+            "--width", "4", "--batch-size", "4", "--workers", "0", "--steps", "1", *CPU]
     assert train.main(argv) == 0
     return out / "best.pt"
 
@@ -54,7 +53,7 @@ def test_cli_writes_mask_and_depth_at_the_input_size(checkpoint, pair_images, tm
     bgfg.resize((96, 40)).save(tmp_path / "bgfg.jpg")
     done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(checkpoint),
                            "--bg", str(tmp_path / "bg.jpg"), "--bgfg", str(tmp_path / "bgfg.jpg"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "out"), *CPU], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     check_outputs(tmp_path / "out", (96, 40))
 
@@ -65,7 +64,7 @@ def test_pairs_folder_gives_one_subfolder_per_name(checkpoint, pair_images, tmp_
     for (_, bg, bgfg), (name, size) in zip(pair_images, [("one", (64, 64)), ("two", (50, 70))]):
         bg.resize(size).save(pairs / f"{name}.bg.png")
         bgfg.resize(size).save(pairs / f"{name}.bgfg.png")
-    assert predict.main(["--checkpoint", str(checkpoint), "--pairs", str(pairs), "--out", str(tmp_path / "out")]) == 0
+    assert predict.main([*CPU, "--checkpoint", str(checkpoint), "--pairs", str(pairs), "--out", str(tmp_path / "out")]) == 0
     check_outputs(tmp_path / "out" / "one", (64, 64))
     check_outputs(tmp_path / "out" / "two", (50, 70))
 
@@ -73,7 +72,7 @@ def test_pairs_folder_gives_one_subfolder_per_name(checkpoint, pair_images, tmp_
 def test_shard_input_writes_the_first_samples_by_key(checkpoint, pair_images, shard_dir, tmp_path):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(checkpoint), "--shard", f"{shard_dir}/val-1.tar", "--limit", "2", "--out", str(out)]
-    assert predict.main(argv) == 0
+    assert predict.main([*CPU, *argv]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(key for key, _, _ in pair_images)
     for key, _, bgfg in pair_images:
         check_outputs(out / key, bgfg.size)
@@ -81,7 +80,7 @@ def test_shard_input_writes_the_first_samples_by_key(checkpoint, pair_images, sh
 
 def test_whole_shard_gives_every_sample_and_no_warning(checkpoint, shard_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert predict.main(["--checkpoint", str(checkpoint), "--shard", f"{shard_dir}/val-1.tar", "--out", str(out)]) == 0
+    assert predict.main([*CPU, "--checkpoint", str(checkpoint), "--shard", f"{shard_dir}/val-1.tar", "--out", str(out)]) == 0
     manifest = json.loads((shard_dir / schema.MANIFEST).read_text())
     (expected,) = [e["samples"] for e in manifest["shards"] if e["name"] == "val-1.tar"]
     assert len(list(out.iterdir())) == expected
@@ -92,13 +91,13 @@ def test_bad_inputs_fail_with_one_line(checkpoint, pair_images, tmp_path, capsys
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     pair_images[0][1].save(pairs / "lonely.bg.jpg")
-    assert predict.main(["--checkpoint", str(checkpoint), "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
+    assert predict.main([*CPU, "--checkpoint", str(checkpoint), "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
     assert "lonely" in capsys.readouterr().err
     (tmp_path / "not.pt").write_bytes(b"not a checkpoint")
-    assert predict.main(["--checkpoint", str(tmp_path / "not.pt"), "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
+    assert predict.main([*CPU, "--checkpoint", str(tmp_path / "not.pt"), "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not.pt" in err
-    assert predict.main(["--checkpoint", str(checkpoint), "--shard", "x.tar", "--limit", "0", "--out", str(tmp_path)]) == 2
+    assert predict.main([*CPU, "--checkpoint", str(checkpoint), "--shard", "x.tar", "--limit", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--limit" in err and "got 0" in err
 
@@ -113,7 +112,7 @@ def member_offsets(path) -> dict[str, tarfile.TarInfo]:
 
 
 def predict_shard(checkpoint, shard, out, *extra):
-    return predict.main(["--checkpoint", str(checkpoint), "--shard", str(shard), "--out", str(out), *extra])
+    return predict.main([*CPU, "--checkpoint", str(checkpoint), "--shard", str(shard), "--out", str(out), *extra])
 
 
 def test_bad_samples_in_a_shard_are_skipped_by_name_and_the_rest_predicted(checkpoint, shard_dir, tmp_path, capsys):

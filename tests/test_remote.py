@@ -7,11 +7,16 @@ sample; an epoch over ranks x workers fetches each shard byte about once, and a 
 makes later epochs and runs fetch none.
 """
 
+import ipaddress
+import json
 import logging
 import os
 import shutil
+import socket
+import tarfile
 import threading
 import time
+from urllib.parse import urlsplit
 
 # gcsfs reads this at import: the fake server has no hierarchical-namespace API.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
@@ -22,13 +27,28 @@ import counting  # tests/counting.py, tests/servers.py: pytest puts this folder 
 import servers
 
 import convert_zips
-from pipeline import PipelineError, make_loader, schema
+from pipeline import PipelineError, clients, make_loader, schema
 from seedzips import synthetic
 
 BUCKET = "bucket"
 ACCESS_KEY, SECRET_KEY = "pipeline-test-access", "pipeline-test-secret"
 FAST_FAIL = dict(retries=1, retry_wait=0.01)
+# A failure with FAST_FAIL takes well under a second; the default schedule (5 retries waiting
+# 1, 2, 4, 8, 16 s) at least 31 s. The bound between them is headroom for a loaded 2-core machine.
+QUICKLY = 15.0
 SIZE = 16
+
+
+def assert_loopback(url: str) -> str:
+    """Fail, never skip, unless `url`'s host resolves to 127.0.0.0/8 alone: these tests must
+    not reach beyond this machine, also where no network namespace guards them (make test's
+    `unshare -n` is left out where the machine forbids it). Returns `url`."""
+    host = urlsplit(url).hostname
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    outside = sorted(a for a in addresses if ipaddress.ip_address(a) not in ipaddress.ip_network("127.0.0.0/8"))
+    if not addresses or outside:
+        pytest.fail(f"refusing to run: endpoint {url} resolves outside 127.0.0.0/8 ({', '.join(outside)})")
+    return url
 
 
 def _shard_names(shard_dir):
@@ -57,6 +77,25 @@ def _shard_bytes(folder) -> int:
     return sum(os.path.getsize(folder / name) for name in _shard_names(folder))
 
 
+def _keys_in(folder) -> list[str]:
+    """The keys of the training shards in `folder`, read from the tar files themselves."""
+    return [key for name in _shard_names(folder) for key in dict.fromkeys(
+        schema.split_member(member)[0] for member in tarfile.open(folder / name).getnames())]
+
+
+def _shard_samples(folder) -> int:
+    return sum(e["samples"] for e in json.loads((folder / schema.MANIFEST).read_text())["shards"])
+
+
+def _sample_bytes(folder) -> int:
+    """The bytes of the shards' samples (end-of-archive blocks left out): what a reader must fetch."""
+    total = 0
+    for name in _shard_names(folder):
+        index = schema.decode_index((folder / schema.index_name(name)).read_bytes())
+        total += index.offsets[-1] - index.offsets[0]
+    return total
+
+
 def _eval_keys(urls, **kwargs):
     loader = make_loader(urls, batch_size=4, workers=2, image_size=SIZE, train=False, **kwargs)
     keys = [key for batch in loader for key in batch["key"]]
@@ -73,6 +112,7 @@ def _upload_with_boto3(endpoint: str, folder, prefix: str = "") -> None:
     """Upload as users do: boto3 with its default checksums (a whole-object CRC32 on each)."""
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                       aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    assert_loopback(s3.meta.endpoint_url)
     s3.create_bucket(Bucket=BUCKET)
     for name in sorted(os.listdir(folder)):
         s3.upload_file(str(folder / name), BUCKET, prefix + name)
@@ -105,19 +145,19 @@ def s3_endpoint(shard_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gcs_endpoint(served_root):
     with servers.fake_gcs_server(served_root) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 @pytest.fixture(scope="module")
 def nginx_url(served_root, tmp_path_factory):
     with servers.nginx(served_root, tmp_path_factory.mktemp("nginx")) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 @pytest.fixture(scope="module")
 def python_http_url(served_root):
     with servers.python_http(served_root) as url:
-        yield url
+        yield assert_loopback(url)
 
 
 def _pattern(base, shard_dir):
@@ -126,7 +166,8 @@ def _pattern(base, shard_dir):
 
 
 def _s3_options(endpoint, **extra):
-    return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": endpoint}, **extra}
+    return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": assert_loopback(endpoint)},
+            **extra}
 
 
 @pytest.mark.parametrize("server", ["nginx_url", "python_http_url"])
@@ -148,6 +189,10 @@ def test_s3_from_environment_credentials_and_endpoint(s3_endpoint, aws_env, shar
     aws_env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     aws_env.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    # The endpoint the client really uses comes from the environment alone: checked before any request.
+    fs, _ = clients.client(f"s3://{BUCKET}/batch-1.tar")
+    fs.connect()
+    assert assert_loopback(fs.s3.meta.endpoint_url).rstrip("/") == s3_endpoint
     assert _eval_keys(f"s3://{BUCKET}/*.tar") == local_keys  # a glob, listed on the server
 
 
@@ -161,7 +206,7 @@ def test_missing_shard_names_the_url(nginx_url):
     started = time.monotonic()
     with pytest.raises(PipelineError, match=f"cannot read {url}: FileNotFoundError"):
         make_loader(url, batch_size=2, workers=0, shard_sizes=[4], **FAST_FAIL)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < QUICKLY
 
 
 def test_unreachable_server_names_the_url_quickly():
@@ -170,7 +215,7 @@ def test_unreachable_server_names_the_url_quickly():
     # The manifest beside the shard is the first thing read, even with shard_sizes given.
     with pytest.raises(PipelineError, match=f"cannot read {base}/{schema.MANIFEST} after 2 attempts"):
         make_loader(f"{base}/batch-1.tar", batch_size=2, workers=0, shard_sizes=[4], **FAST_FAIL)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < QUICKLY
     with pytest.raises(PipelineError, match=f"cannot list {base}/val-\\*.tar"):
         make_loader(f"{base}/val-*.tar", batch_size=2, workers=0, **FAST_FAIL)
 
@@ -199,10 +244,12 @@ def test_an_epoch_over_4_ranks_x_2_workers_fetches_each_shard_byte_once(three_sh
     shard_bytes = _shard_bytes(three_shards)
     assert tar <= 1.1 * shard_bytes, (tar, shard_bytes)
     assert other <= 0.1 * shard_bytes, other
-    assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) == len(loaders[0]) > 0
+    # 48 samples, 12 a rank, batches of 2: each rank steps 6 times and every sample comes once.
+    batches_per_rank = _shard_samples(three_shards) // 4 // 2
+    assert [len(batches) for batches in ranks] == [len(loader) for loader in loaders] == [batches_per_rank] * 4
     assert all(len(keys) == 2 for batches in ranks for keys in batches)
     delivered = [key for batches in ranks for keys in batches for key in keys]
-    assert len(delivered) == len(set(delivered))
+    assert sorted(delivered) == sorted(_keys_in(three_shards))
 
 
 def _epochs(url, cache_dir, epochs=(0, 1), world_size=2, workers=2):
@@ -237,12 +284,16 @@ def test_simplecache_urls_keep_their_cache_across_shards_and_epochs(three_shards
     url = f"simplecache::{{}}/batch-{{{{1..3}}}}.tar"
     with counting.http_server(three_shards) as server:
         # Both ranks of epoch 0 in this one process, whose one simplecache client fetches each shard
-        # once (fsspec's HTTP asks whether a file exists with a GET first, hence up to 2x)...
+        # once: two GETs of it at most, since fsspec's HTTP asks whether a file exists with a GET
+        # first (closed early, but its bytes may already be on their way, hence up to 2x)...
         _epochs(url.format(server.url), None, epochs=(0,), workers=0)
-        first = server.bytes_sent(".tar")
+        first, requests = server.bytes_sent(".tar"), dict(server.requests)
         _epochs(url.format(server.url), None, epochs=(1,), workers=0)
         # ... and the next epoch reads them all from its cache.
         assert server.bytes_sent(".tar") == first <= 2 * _shard_bytes(three_shards)
+        shard_requests = {path: count for path, count in server.requests.items() if path.endswith(".tar")}
+    assert shard_requests == {f"/{name}": requests[f"/{name}"] for name in _shard_names(three_shards)}
+    assert all(count <= 2 for count in shard_requests.values()), shard_requests  # a second download is a 3rd GET
 
 
 def test_a_server_without_range_gives_the_local_keys_and_warns_once_per_shard(three_shards, caplog):
@@ -271,12 +322,14 @@ def test_s3_ranged_reads_fetch_each_shard_byte_once(three_shards, aws_env, tmp_p
     with servers.rclone_s3(tmp_path, ACCESS_KEY, SECRET_KEY) as server:
         _upload_with_boto3(server.url, three_shards)
         with counting.proxy(server.url) as (proxy, sent):
-            for rank in range(ranks):
-                for _ in make_loader(f"s3://{BUCKET}/batch-{{1..3}}.tar", batch_size=2, workers=workers,
-                                     image_size=SIZE, train=True, rank=rank, world_size=ranks,
-                                     storage_options=_s3_options(proxy)):
-                    pass
+            delivered = [key for rank in range(ranks)
+                         for batch in make_loader(f"s3://{BUCKET}/batch-{{1..3}}.tar", batch_size=2, workers=workers,
+                                                  image_size=SIZE, train=True, rank=rank, world_size=ranks,
+                                                  storage_options=_s3_options(proxy))
+                         for key in batch["key"]]
             total = sent()
+    assert sorted(delivered) == sorted(_keys_in(three_shards))  # every sample, once: none skipped, none left
+    assert total >= _sample_bytes(three_shards), (total, _sample_bytes(three_shards))
     small_files = ranks * os.path.getsize(three_shards / schema.MANIFEST) + ranks * workers * sum(
         os.path.getsize(three_shards / schema.index_name(name)) for name in _shard_names(three_shards))
     assert total <= 1.1 * _shard_bytes(three_shards) + small_files, (total, _shard_bytes(three_shards), small_files)

@@ -81,14 +81,15 @@ def test_faults_are_injected_and_reported(any_dataset):
     faults = summary["faults"]
     assert all(len(keys) == 1 for keys in faults.values())
     assert len({keys[0] for keys in faults.values()}) == 3
-    names = {}
+    names, truncated = {}, []
     for entry in summary["zips"]:
         with _zip(dataset, entry["name"]) as archive:
             names.update((n, entry["name"]) for n in archive.namelist())
-            for name in archive.namelist():
-                if schema.key_of(name) == faults["truncated"][0] and name.startswith(schema.COMPOSITE_DIR):
-                    with pytest.raises(OSError):
-                        Image.open(io.BytesIO(archive.read(name))).load()
+            truncated += [archive.read(name) for name in archive.namelist()
+                          if schema.key_of(name) == faults["truncated"][0] and name.startswith(schema.COMPOSITE_DIR)]
+    assert len(truncated) == 1  # the faulty sample's one composite
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(truncated[0])).load()
     missing = faults["missing_depth"][0]
     assert not any(schema.key_of(n) == missing and n.startswith(schema.DEPTH_DIR) for n in names)
     double = faults["double_ext"][0]

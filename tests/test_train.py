@@ -7,39 +7,21 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
 from faults import file_size_limit
+from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, assert_same_weights, run_train, tiny,
+                     weights)
 from model import UNet, UNetConfig, total_loss
 from pipeline import Batch, PipelineError, make_loader, schema
+from pipeline.shardreader import read_samples
 from servers import free_port
 from training import runfolder, steps
 from training.options import LOSS_TERMS
 from training.steps import prepare_batch
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
-
-
-def run_train(shard_dir, out, *extra):
-    return train.main(["--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(out), *TINY, *extra])
-
-
-def assert_same_weights(a, b) -> None:
-    """Two checkpoints' weights agree (to float rounding: summation order may differ)."""
-    first, second = weights(a), weights(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
 
 def test_overfitting_one_batch_drives_the_loss_down(shard_dir):
     batch = next(iter(make_loader(f"{shard_dir}/batch-{{1..2}}.tar", batch_size=2, workers=0,
@@ -95,7 +77,7 @@ def test_three_steps_then_resume_three_equals_six_steps(shard_dir, tmp_path, wor
     # The interrupted run plans the same 6-step LR schedule, stops at 3, then resumes.
     assert run_train(shard_dir, tmp_path / "split", "--steps", "3", "--schedule-steps", "6", *common) == 0
     assert run_train(shard_dir, tmp_path / "split", "--steps", "6", "--resume", *common) == 0
-    assert_same_weights(tmp_path / "six" / "last.pt", tmp_path / "split" / "last.pt")
+    assert_same_checkpoint_weights(tmp_path / "six" / "last.pt", tmp_path / "split" / "last.pt")
     logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]  # no step trained twice
 
@@ -126,17 +108,34 @@ def test_time_budget_stops_early_with_a_checkpoint_and_a_validation(shard_dir, t
 
 
 def test_torchrun_two_cpu_processes_finish_the_same_steps(shard_dir, tmp_path):
-    command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), "--shards", f"{shard_dir}/batch-{{1..2}}.tar",
-               "--out", str(tmp_path / "ddp"), "--device", "cpu", *TINY[:-2], "--batch-size", "2",
-               "--epochs", "2"]
+    world, batch_size, epochs = 2, 2, 2
+    manifest = json.loads((shard_dir / schema.MANIFEST).read_text())
+    train_samples = sum(e["samples"] for e in manifest["shards"] if e["split"] == schema.TRAIN_SPLIT)
+    # Train keeps whole batches of the smaller rank's equal share of the epoch.
+    steps_per_epoch = train_samples // world // batch_size
+    command = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", str(ROOT / "tests" / "ddp_probe.py"),
+               str(tmp_path), "--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(tmp_path / "ddp"),
+               *tiny(batch_size=batch_size), "--epochs", str(epochs)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     # The two ranks share one stdout, so their lines can run into each other: match, don't split.
     finished = re.findall(r"rank (\d)/2: finished at step (\d+)", done.stdout)
-    steps = {step for _, step in finished}
-    assert sorted(rank for rank, _ in finished) == ["0", "1"] and len(steps) == 1, done.stdout
-    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["step"] == int(steps.pop())
+    assert sorted(finished) == [("0", str(epochs * steps_per_epoch)), ("1", str(epochs * steps_per_epoch))], \
+        done.stdout
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["step"] == epochs * steps_per_epoch
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in range(world)]
+    shard_keys = {s.key for name in ("batch-1.tar", "batch-2.tar") for s in read_samples(str(shard_dir / name), 0)}
+    for epoch in range(epochs):
+        seen = [[key for keys in rank["batches"][epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+                 for key in keys] for rank in ranks]
+        assert [len(keys) for keys in seen] == [steps_per_epoch * batch_size] * world  # spares stand in for bad ones
+        assert len(set(seen[0] + seen[1])) == len(seen[0] + seen[1])  # no sample on both ranks, nor twice on one
+        assert set(seen[0] + seen[1]) <= shard_keys
+    assert [len(rank["batches"]) for rank in ranks] == [epochs * steps_per_epoch] * world
+    assert_same_weights(ranks[0]["parameters"], ranks[1]["parameters"])  # DDP kept the replicas in step
+    assert_same_weights(ranks[0]["parameters"], {name: value for name, value in
+                                                 weights(tmp_path / "ddp" / "last.pt").items()
+                                                 if name in ranks[0]["parameters"]})
 
 
 # case: (extra arguments, what the error line must name); the last of a repeated option wins.
