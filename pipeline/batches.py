@@ -27,14 +27,18 @@ from pipeline.options import LoaderOptions
 from pipeline.plan import Share, batch_index
 from pipeline.shardreader import ShardInfo, read_samples
 
+# Where a worker's time on a batch goes (Record.seconds; Loader.stats as `<stage>_s`): read =
+# the tar stream and the shuffle buffer, decode = the JPEGs, fit = resizing, thresholding,
+# copying into the buffer and drawing the augmentation.
+STAGES = ("read", "decode", "fit")
+
 
 @dataclass
 class Record:
     """One batch as a worker hands it to the main process: where its images are (a batch
     buffer, or fresh memory), what it holds, and what it cost.
 
-    `seconds` is the worker's time spent on this batch: read (tar stream and shuffle
-    buffer), decode (JPEG) and fit (resizing, thresholding, copying, drawing).
+    `seconds` is the worker's time spent on this batch, by stage (STAGES).
     """
 
     generation: int
@@ -105,6 +109,10 @@ class _ShareBatcher:
         self.pulled += sample is not None
         return sample
 
+    def _spent(self) -> tuple[float, ...]:
+        """Seconds spent so far on each of STAGES."""
+        return self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"]
+
     def _fill(self, planned: int, batches_left: int, arrays, skipped: list) -> list[str]:
         """Take one batch's samples (decoded into `arrays`, or only checked when it is None)."""
         keys = []
@@ -145,15 +153,14 @@ class _ShareBatcher:
             if i < skip:
                 self._fill(planned, len(sizes) - i, None, skipped)
                 continue
-            before = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
+            before = self._spent()
             claim = buffers.claim(self.worker)
             try:
                 keys = self._fill(planned, len(sizes) - i, claim.arrays, skipped)
             except BaseException:
                 buffers.free(claim.buffer)  # never sent, so still this worker's to give back
                 raise
-            after = (self.read_seconds, self.decoder.seconds["decode"], self.decoder.seconds["fit"])
-            seconds = {stage: b - a for stage, a, b in zip(("read", "decode", "fit"), before, after)}
+            seconds = {stage: b - a for stage, a, b in zip(STAGES, before, self._spent())}
             yield Record(generation=generation, epoch=self.epoch, index=batch_index(i, self.worker, self.options.processes),
                          keys=keys, skipped=skipped, seconds=seconds, buffers_token=buffers.token,
                          buffer=claim.buffer, fresh=claim.fresh)

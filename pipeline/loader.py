@@ -9,6 +9,33 @@ processes that live as long as it does) and `make_loader` (one pass, the simple 
         for batch in val.epoch(0):         # the validation pool's processes, reused each time
             ...
     train.close(); val.close()             # or `with Pipeline(...) as train:`
+
+The data path, stage by stage: what the stream is after each, and where it runs.
+
+  main process, once   Pipeline(urls)         shard URLs -> ShardInfo per shard (size, index),
+                                              shared batch buffers (batchmemory.BatchBuffers)
+  main process, a pass Pipeline.start_pass    -> a passes.Pass; a new pass bumps the workers'
+                                              generation (workers.PassControl), a resumed or
+                                              chained one goes on with what they are making
+  worker, per pass     _Source                (epoch, start batch) -> this worker's Share of the
+                                              epoch's plan (plan.plan_epoch)
+  worker               shardreader.read_samples  Share's shard ranges -> raw samples (ranged
+                                              reads with an index, retried; cache.py's copy)
+  worker               batches._shuffled      -> samples in shuffle-buffer order (train)
+  worker               decode.Decoder         -> images decoded and fitted to image_size,
+                                              written into one batch buffer; bad samples
+                                              skipped and reported, spares take their place
+  worker               augment.draw           -> each sample's augmentation draw (not applied)
+  worker               batches.Record         -> a batch record: generation, (epoch, index),
+                                              keys, buffer number, seconds per STAGES
+  DataLoader's pin-    Record.pin_memory      -> the batch copied to page-locked memory and its
+  memory thread (CUDA)                        buffer freed (the buffers of this process are
+                                              found by token: batchmemory.in_this_process)
+  main process         Pass.records           records in any order -> batch order; older
+                                              generations dropped, early ones held
+  main process         Pass.batch             -> a pipeline.Batch of uint8 views of the buffer
+  training loop        Batch.to(device)       -> floats on the device, the draw applied to all
+                                              four images at once (augment.apply)
 """
 
 import ctypes
@@ -19,7 +46,7 @@ import sys
 
 import torch
 
-from pipeline.batches import share_records
+from pipeline.batches import STAGES, share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
@@ -32,9 +59,6 @@ from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-STAGES = ("read_s", "decode_s", "fit_s", "wait_s")
-
 
 def _init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers are many already; intra-op threads only contend
@@ -150,10 +174,10 @@ class Loader:
 
     Attributes: ``num_samples`` (samples this rank is planned to see this epoch),
     ``batches_per_epoch``, ``start_batch``, ``skipped`` (one dict per bad sample met in the
-    pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped) and seconds
-    spent on each stage: ``read_s``, ``decode_s``, ``fit_s`` in the workers (summed over
-    workers, for the batches delivered so far; fit covers resizing, thresholding and the
-    augmentation draws) and ``wait_s``, the time this process waited for the next batch.
+    pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped), the workers'
+    seconds on each of pipeline.batches.STAGES as ``read_s``, ``decode_s``, ``fit_s`` (summed
+    over workers, for the batches delivered so far) and ``wait_s``, the time this process
+    waited for the next batch.
     """
 
     def __init__(self, pipeline: Pipeline, epoch: int, start_batch: int, *, chain: bool = False,
@@ -168,7 +192,7 @@ class Loader:
 
     @staticmethod
     def _zero_stats() -> dict:
-        return {"batches": 0, "samples": 0, "skipped": 0, **{stage: 0.0 for stage in STAGES}}
+        return {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0}
 
     def __len__(self) -> int:
         """Batches one pass yields: the epoch's batches minus `start_batch`."""

@@ -212,5 +212,5 @@ class WorkerPool:
         # The DataLoader keeps its persistent iterator: both must go for the workers to be shut
         # down. Nothing else may hold the iterator (the frames of an error's traceback would, and
         # garbage collection frees it only after its queues' threads have stopped, when its
-        # shutdown can no longer reach the workers): hence records(), never a variable.
+        # shutdown can no longer reach the workers), so callers take it from records() each time.
         self._records = self._dataloader = None

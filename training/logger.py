@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.batches import STAGES
 from training import distributed
 
 try:
@@ -15,9 +16,7 @@ except ImportError:  # tensorboard is optional
 
 class Window:
     """Totals since the last log line: loss summed over samples (a device tensor), samples,
-    data wait, and the loader's worker seconds per stage (`loader`: read, decode, fit)."""
-
-    STAGES = ("read", "decode", "fit")
+    data wait, and the loader's worker seconds per stage (`loader`, by pipeline.batches.STAGES)."""
 
     def __init__(self):
         self._followed, self._seen = None, {}
@@ -27,20 +26,20 @@ class Window:
         """Start the next window; the loader's stages count on from where this one stopped."""
         self.start = time.perf_counter()
         self.loss, self.samples, self.data_wait = 0.0, 0, 0.0
-        self.loader = dict.fromkeys(self.STAGES, 0.0)
+        self.loader = dict.fromkeys(STAGES, 0.0)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
     def follow(self, loader) -> None:
         """Count `loader`'s stage seconds from now on (a window can span two epochs' loaders)."""
-        self._followed, self._seen = loader, {stage: loader.stats[f"{stage}_s"] for stage in self.STAGES}
+        self._followed, self._seen = loader, {stage: loader.stats[f"{stage}_s"] for stage in STAGES}
 
     def take_loader_stats(self, loader) -> None:
         """Add what `loader`'s stages took since last seen."""
         if loader is not self._followed:
             self.follow(loader)
-        for stage in self.STAGES:
+        for stage in STAGES:
             now = loader.stats[f"{stage}_s"]
             self.loader[stage] += now - self._seen[stage]
             self._seen[stage] = now
@@ -96,15 +95,14 @@ def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: di
     run's bad samples so far, all ranks).
 
     Besides data_wait (the share of the time the loop waited for a batch), it says where this
-    rank's loader spent its time: loader_read_ms, loader_decode_ms, loader_fit_ms are worker
-    milliseconds per sample (summed over the workers: read = tar stream and shuffle buffer,
-    decode = JPEGs, fit = resizing, thresholding and drawing the augmentation), so a slow
-    step shows whether the data or the model held it up, and which stage of the data.
+    rank's loader spent its time: loader_<stage>_ms for each of pipeline.batches.STAGES, worker
+    milliseconds per sample summed over the workers, so a slow step shows whether the data or
+    the model held it up, and which stage of the data.
     """
     seconds = window.seconds()
     local_samples = max(window.samples, 1)
     return {"epoch": epoch, "loss": totals.loss_sum / totals.samples if totals.samples else float("nan"),
             **{k: float(v) for k, v in (terms or {}).items()}, "lr": lr,
             "samples_per_s": totals.samples / seconds, "data_wait": window.data_wait / seconds,
-            **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in Window.STAGES},
+            **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in STAGES},
             "skipped": skipped}
