@@ -110,7 +110,8 @@ class Pipeline:
     """
 
     def __init__(self, urls, **options):
-        self._pool = None  # first: close() (from __del__) must work when the checks below raise
+        # First: close() (from __del__) must work when the checks below raise.
+        self._pool, self._pass = None, None
         self.options = options = LoaderOptions(**options).resolved()
         shards = prepare_shards(expand_urls(urls, options.storage_options), options.storage_options,
                                 options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
@@ -125,7 +126,7 @@ class Pipeline:
         self.train, self.workers = options.train, options.workers
         self.pin_memory = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
         self._layout = Layout(options.batch_size, options.image_size, options.train)
-        self._pass: Pass | None = None  # the last pass started, while its workers run
+        self._pass: Pass | None  # the last pass started, while its workers run
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, *, chain: bool = True) -> "Loader":
         """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
