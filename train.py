@@ -205,8 +205,9 @@ def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
                                channels_last=True, weights=setup.weights, previews=setup.args.previews, also=scorer)
     if scorer is not None:
         scores = scorer.compute()
-        logger.log("baseline", step, {"fit_samples": scorer.baselines.samples, **scores})
-        setup.say(baselines.summary(scores, scorer.baselines.samples, result["rmse"]))
+        logger.log("baseline", step, {"fit_samples": scorer.baselines.samples,
+                                      "bgsub_threshold": scorer.baselines.threshold, **scores})
+        setup.say(baselines.summary(scores, scorer.baselines, result))
     logger.log("val", step, {"epoch": progress.epoch, **result})
     setup.say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if setup.ctx.is_main and preview is not None:
