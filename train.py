@@ -65,7 +65,7 @@ def build(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     """The data, the model, its optimizer and schedule."""
     amp_dtype = amp_dtype_for(args.amp, ctx.device)
     loader_args, train_urls, train_data, val_data = open_data(args, ctx, amp_dtype)
-    config = UNetConfig(width=args.width)
+    config = UNetConfig(width=args.width, difference_input=args.difference_input)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).
@@ -205,8 +205,9 @@ def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
                                channels_last=True, weights=setup.weights, previews=setup.args.previews, also=scorer)
     if scorer is not None:
         scores = scorer.compute()
-        logger.log("baseline", step, {"fit_samples": scorer.baselines.samples, **scores})
-        setup.say(baselines.summary(scores, scorer.baselines.samples, result["rmse"]))
+        logger.log("baseline", step, {"fit_samples": scorer.baselines.samples,
+                                      "bgsub_threshold": scorer.baselines.threshold, **scores})
+        setup.say(baselines.summary(scores, scorer.baselines, result))
     logger.log("val", step, {"epoch": progress.epoch, **result})
     setup.say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if setup.ctx.is_main and preview is not None:

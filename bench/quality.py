@@ -4,8 +4,9 @@ Generates a photo-style seed-layout dataset (60 backgrounds), converts it (valid
 sample of 9 held-out backgrounds), trains train.py for a fixed number of steps on the CPU, and
 prints one JSON line: the validation IoU, Dice, RMSE, AbsRel, delta1 and scale-and-shift-
 invariant RMSE of the trained model and, measured in the same run on the same samples, of the
-two baselines train.py fits on the training shards (training/baselines.py: constant depth = the
-training mean, per-row mean depth; no object for the mask), plus the time taken.
+baselines train.py fits on the training shards (training/baselines.py: constant depth = the
+training mean and per-row mean depth, with no object for the mask; background subtraction for
+the mask, scored on IoU and Dice), plus the time taken.
 
     python bench/quality.py [--steps 500] [--image-size 96] [--width 16] [train.py options...]
 
@@ -33,6 +34,7 @@ import convert_zips  # noqa: E402
 import train  # noqa: E402
 from pipeline import schema  # noqa: E402
 from seedzips import synthetic  # noqa: E402
+from training import baselines  # noqa: E402
 
 # 6 zips x 10 backgrounds x 10 objects x 3 placements = 1,800 samples on 60 backgrounds.
 DATASET = dict(zips=6, bgs_per_zip=10, fg=10, placements=3, seed=1)
@@ -93,8 +95,8 @@ def main(argv=None) -> int:
         "train_samples": manifest["totals"]["train_samples"], "val_samples": final["samples"],
         "data_seconds": round(data_seconds, 1), "train_seconds": round(seconds, 1),
         "model": {k: round(final[k], 4) for k in METRICS},
-        **{name: {k: round(baseline[name][k], 4) for k in METRICS} for name in ("constant", "per-row")},
-        "baseline_fit_samples": baseline["fit_samples"],
+        **{name: {k: round(v, 4) for k, v in baseline[name].items()} for name in baselines.NAMES},
+        "baseline_fit_samples": baseline["fit_samples"], "bgsub_threshold": baseline["bgsub_threshold"],
     }))
     return 0
 

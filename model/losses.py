@@ -1,4 +1,5 @@
-"""Training losses: BCE + Dice for the mask, L1 + SSIM + image-gradient for the depth map."""
+"""Training losses: BCE + Dice (+ Lovasz hinge) for the mask, L1 + SSIM + image-gradient for
+the depth map."""
 
 from dataclasses import asdict, dataclass
 
@@ -15,6 +16,8 @@ class LossWeights:
     l1: float = 3.0  # absolute depth counts most: 3 beat 1 on held-out backgrounds (bench/quality.py)
     ssim: float = 1.0
     grad: float = 1.0
+    lovasz: float = 0.0  # the Lovasz hinge: a convex surrogate of 1 - IoU, sorted per image
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -27,6 +30,19 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     overlap = (prob * target).sum(1)
     total = prob.sum(1) + target.sum(1)
     return (1 - (2 * overlap + eps) / (total + eps)).mean()
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The Lovasz hinge of Berman et al. (2018), per image then averaged: the hinge errors in
+    descending order, each weighted by how much it moves that image's Jaccard loss."""
+    logits, target = logits.flatten(1), target.flatten(1)
+    errors = 1 - logits * (2 * target - 1)
+    errors, order = errors.sort(1, descending=True)
+    truth = target.gather(1, order)
+    positives = truth.sum(1, keepdim=True)
+    jaccard = 1 - (positives - truth.cumsum(1)) / (positives + (1 - truth).cumsum(1))
+    weights = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
+    return (F.relu(errors) * weights).sum(1).mean()
 
 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,5 +90,7 @@ def total_loss(
         "ssim": ssim_loss(depth, depth_target),
         "grad": gradient_loss(depth, depth_target),
     }
+    if weights.lovasz:  # a sort of every pixel: only when it counts
+        terms["lovasz"] = lovasz_hinge(mask_logits, mask_target)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}

@@ -25,6 +25,9 @@ class UNetConfig:
     levels: int = 5  # downsamplings; inputs must be divisible by 2**levels
     max_mult: int = 16
     in_channels: int = 6
+    # |bgfg - bg| as 3 more input channels: what background subtraction sees, given to the stem
+    # directly instead of learned from the two images by its first convolutions.
+    difference_input: bool = False
 
     @property
     def stride(self) -> int:
@@ -80,7 +83,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         chans = [config.width * min(2**i, config.max_mult) for i in range(config.levels + 1)]
-        self.stem = _double_conv(config.in_channels, chans[0])
+        self.stem = _double_conv(config.in_channels + 3 * config.difference_input, chans[0])
         self.down = nn.ModuleList(_double_conv(chans[i], chans[i + 1]) for i in range(config.levels))
         self.up = nn.ModuleList(
             _Up(chans[i + 1], chans[i], chans[i]) for i in reversed(range(config.levels))
@@ -94,6 +97,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_image_size(x.shape[-2], self.config)
         check_image_size(x.shape[-1], self.config)
+        if self.config.difference_input:  # the halves share the normalisation: this is |bgfg - bg| / std
+            x = torch.cat([x, (x[:, :3] - x[:, 3:]).abs()], 1)
         skips = [self.stem(x)]
         for block in self.down:
             skips.append(block(F.max_pool2d(skips[-1], 2)))

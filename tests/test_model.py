@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, to_input, total_loss
-from model.losses import gradient_loss, ssim_loss
+from model.losses import gradient_loss, lovasz_hinge, ssim_loss
 
 
 def test_default_model_is_no_larger_than_the_original():
@@ -101,3 +101,34 @@ def test_ssi_rmse_forgives_each_images_scale_and_shift_but_not_its_shape():
     noisy = SegDepthMetrics()
     noisy.update(mask - 1, 3 * truth + 0.1 * torch.randn_like(truth), mask, truth)
     assert 0.01 < noisy.compute()["ssi_rmse"] < 0.05  # noise of 0.1 / 3 on the truth's scale
+
+
+def test_the_lovasz_hinge_of_unit_margin_logits_is_twice_each_images_jaccard_loss():
+    # At logits of +-1 every hinge error is 0 (right) or 2 (wrong), and the Lovasz extension of
+    # the Jaccard loss at an indicator of the wrong pixels is that prediction's Jaccard loss.
+    generator = torch.Generator().manual_seed(0)
+    target = (torch.rand(3, 1, 16, 16, generator=generator) > 0.6).float()
+    found = (torch.rand(3, 1, 16, 16, generator=generator) > 0.5).float()
+    inter, union = (found * target).sum((1, 2, 3)), ((found + target) > 0).float().sum((1, 2, 3))
+    assert lovasz_hinge(found * 2 - 1, target) == pytest.approx(2 * (1 - inter / union).mean().item(), rel=1e-6)
+    assert lovasz_hinge(target * 40 - 20, target) == 0.0  # right by a margin: nothing to pay
+
+
+def test_the_lovasz_term_is_computed_only_when_it_has_a_weight():
+    mask, depth = (torch.rand(1, 1, 32, 32) > 0.5).float(), torch.rand(1, 1, 32, 32)
+    assert "lovasz" not in total_loss(torch.zeros_like(mask), depth, mask, depth)[1]
+    total, terms = total_loss(torch.zeros_like(mask), depth, mask, depth, LossWeights(
+        bce=0, dice=0, l1=0, ssim=0, grad=0, lovasz=2))
+    assert torch.isclose(total, 2 * terms["lovasz"]) and terms["lovasz"] > 0
+
+
+def test_difference_input_gives_the_stem_the_absolute_difference_of_the_halves():
+    model = UNet(UNetConfig(width=4, difference_input=True)).eval()
+    assert model.stem[0].in_channels == 9
+    bgfg, bg = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
+    seen = []
+    model.stem.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    x = to_input(bgfg, bg)
+    model(x)
+    torch.testing.assert_close(seen[0][:, 6:], (x[:, :3] - x[:, 3:]).abs())
+    torch.testing.assert_close(seen[0][:, :6], x)

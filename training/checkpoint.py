@@ -79,10 +79,11 @@ def model_from_checkpoint(state: dict) -> UNet:
 
 def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
     """Refuse to resume a run with a checkpoint made for a different network."""
-    if state["model_config"] != config.to_dict():
+    # Through from_dict: a field added since the checkpoint was made takes its default.
+    if UNetConfig.from_dict(state["model_config"]) != config:
         raise UserError(
             f"checkpoint {path} was made for model {state['model_config']}, "
-            f"this run builds {config.to_dict()} (pass the same --width, or another --out)"
+            f"this run builds {config.to_dict()} (pass the same --width and --difference-input, or another --out)"
         )
 
 

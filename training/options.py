@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--width", type=POSITIVE_INT, default=UNetConfig.width, help="U-Net base channels")
+    model.add_argument("--difference-input", action="store_true",
+                       help="also feed |bgfg - bg| to the network (3 more input channels)")
     for term, default in LossWeights().to_dict().items():
         model.add_argument(f"--w-{term}", type=number(float, least=0), default=default,
                            help=f"weight of the {term} loss term (>= 0)")

@@ -96,8 +96,8 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
              weights: LossWeights = LossWeights(), previews: int = 0, also=None):
     """Score `model` on `batches` (this rank's share of a validation pass, e.g.
     Pipeline.epoch(0) of the val shards; sums all-reduced across ranks). `also`: an object
-    whose update(mask, depth) sees each batch's float targets too (training.baselines.Scorer),
-    so that it needs no pass of its own.
+    whose update(batch, mask, depth) sees each batch and its float targets too
+    (training.baselines.Scorer), so that it needs no pass of its own.
 
     Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, ssi_rmse, samples; preview
     tensors (bg, bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
@@ -117,7 +117,7 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
         loss_sum, count = loss_sum + loss.detach().double() * size, count + size  # no sync per batch
         metrics.update(logits, depth_pred, mask, depth)
         if also is not None:
-            also.update(mask, depth)
+            also.update(batch, mask, depth)
         if previews and preview is None:
             preview = (batch["bg"][:previews].clone(), batch["bgfg"][:previews].clone(), mask[:previews],
                        logits[:previews].float(), depth[:previews], depth_pred[:previews].float())
