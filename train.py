@@ -51,7 +51,8 @@ def open_data(args, ctx: distributed.Context, amp_dtype):
     """make_loader's arguments shared by every pass, the training URLs, their Pipeline and the
     validation Pipeline (None without validation shards), checked on every rank before the first step.
     Their workers live for the whole run: epochs and validations reuse them."""
-    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size, seed=args.seed,
+    loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
+                       scaled_decode=args.scaled_decode, seed=args.seed,
                        storage_options=args.storage_options, retries=args.retries, cache_dir=args.cache_dir,
                        pin_memory=ctx.device.type == "cuda")
     train_urls, train_data, val_urls, val_data = preflight.check_training(args, ctx, loader_args, amp_dtype)

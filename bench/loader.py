@@ -5,27 +5,32 @@ On one seed-size zip (5 backgrounds x 100 foregrounds x 20 placements = 10,000 s
 under --cache), one run measures, each loader in a fresh child process whose CPU time (its
 workers' included) is recorded, and in runs of their own (sampling it costs CPU) its peak
 memory (PSS of all its processes together):
-  (a) decode_only: the same samples' four JPEGs decoded in --workers processes from memory,
-      nothing else (bench/loader_baselines.py): the ceiling for any loader doing this decode;
+  (a) decode_only: the same samples' four JPEGs decoded at full size in --workers processes
+      from memory, nothing else (bench/loader_baselines.py): the ceiling for any loader
+      decoding them whole; and (a_s) the same at the libjpeg reduction scaled decode uses for
+      each training size below 224 (1/2 at 112 and 64 px): the ceiling of a scaled decode;
   (b) the pipeline: a pipeline.Pipeline in train mode (shuffle buffer, decode, fit to size,
       augmentation draws; the draws are applied on the training device by Batch.to, which is
       not timed here), --workers workers, --batch-size, TWO epochs back to back on its
-      persistent workers, so the epoch change counts; on 20 shards and on 1 shard (its
-      memory must not grow with the number of shards); in eval mode too, for context;
-  (w) stock webdataset doing the same work: webdataset.WebDataset over the same 20 shards,
-      a shuffle buffer, the pipeline's per-sample decode + fit and draw, batches of
-      --batch-size, a torch DataLoader with --workers workers, two epochs;
+      persistent workers, so the epoch change counts; at each of --sizes (the training side:
+      224, 112, 64), with scaled decode and, below 224, without it (scaled_decode=False);
+      at the first size also on 1 shard (its memory must not grow with the number of
+      shards) and in eval mode, for context;
+  (w) stock webdataset doing the same work at the first size: webdataset.WebDataset over the
+      same 20 shards, a shuffle buffer, the pipeline's per-sample decode + fit and draw,
+      batches of --batch-size, a torch DataLoader with --workers workers, two epochs;
   (c) seed_zip_pil: the original zip + PIL + ToTensor loader, 1 worker;
   (f) bytes fetched by one train epoch at 8 ranks x 8 workers over 20 shards, with the byte
       index and without it (bench/bytes_fetched.py), as ratios to the shard bytes.
-(b) on 20 shards, (w) and (a) take turns for --rounds rounds and each reports its best round,
-so that load from elsewhere that comes and goes does not land on one of them alone; each
-round's ratios are printed as well. Loaders are timed from their first batch on, as (a)
-starts with its processes up; the first batch's latency is reported apart. Prints one JSON
-line: samples/s of each, the ratios of (b) to (a) and to (w), CPU milliseconds per sample
-(which hold even on a busy machine), peak PSS, what corrupt-JPEG detection costs (strict vs
-lenient decode), the decode-only figure of torchvision.io.decode_jpeg (the decoder used
-before), and the bytes-fetched ratios.
+(a), (w) and, at every size, (b) and (a_s) take turns for --rounds rounds and each reports its
+best round, so that load from elsewhere that comes and goes does not land on one of them
+alone; each round's ratios are printed as well. Loaders are timed from their first batch on,
+as (a) starts with its processes up; the first batch's latency is reported apart. Prints one
+JSON line: at the first size, samples/s of each, the ratios of (b) to (a) and to (w), CPU
+milliseconds per sample (which hold even on a busy machine), peak PSS, what corrupt-JPEG
+detection costs (strict vs lenient decode), the decode-only figure of torchvision.io.decode_jpeg
+(the decoder used before), and the bytes-fetched ratios; under "sizes", per training size,
+(b) with and without scaled decode, (a) and (a_s) and their ratios.
 """
 
 import argparse
@@ -45,6 +50,7 @@ from pipeline import Pipeline, schema  # noqa: E402
 from seedzips import synthetic  # noqa: E402
 
 SEED_DATASET = dict(zips=1, bgs_per_zip=5, fg=100, placements=20, seed=0, depth="mixed")
+MEMBER_SIZE = 224  # the seed dataset's image side; training sizes below it are fitted to
 EPOCHS = 2
 
 
@@ -85,7 +91,7 @@ def _epochs(kind: str, urls: list[str], args):
         loader = baselines.webdataset_batches(urls, args.workers, args.batch_size, args.image_size)
         return [loader] * EPOCHS, lambda: None
     pipeline = Pipeline(urls, batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
-                        train=kind == "train", pin_memory=False)
+                        train=kind != "eval", scaled_decode=kind != "unscaled", pin_memory=False)
     return [pipeline.epoch(epoch) for epoch in range(EPOCHS)], pipeline.close
 
 
@@ -145,11 +151,13 @@ def _tree_pss_kib(root: int) -> int:
     return total
 
 
-def loader_in_child(kind: str, folder: str, args, *, memory: bool = False) -> dict:
-    """One loader run in a child process; with `memory`, its peak PSS is sampled meanwhile
-    (reading every process's smaps costs CPU: not in the runs whose speed is compared)."""
+def loader_in_child(kind: str, folder: str, args, size: int, *, memory: bool = False) -> dict:
+    """One loader run in a child process (kind: train, unscaled (train without scaled
+    decode), eval or webdataset) at training size `size`; with `memory`, its peak PSS is
+    sampled meanwhile (reading every process's smaps costs CPU: not in the runs whose speed is
+    compared)."""
     command = [sys.executable, os.path.abspath(__file__), "--run", kind, folder, "--workers", str(args.workers),
-               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+               "--batch-size", str(args.batch_size), "--image-size", str(size)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak, stop = [0], threading.Event()
 
@@ -173,6 +181,54 @@ def loader_in_child(kind: str, folder: str, args, *, memory: bool = False) -> di
             "stage_ms": {stage: 1000 * seconds / result["samples"] for stage, seconds in result["stages"].items()}}
 
 
+def _best(results: list, key=lambda result: result["sps"]):
+    return max(results, key=key)
+
+
+def _round(args, folders: dict) -> dict:
+    """One round of the runs that take turns: (a) once (it does not depend on the size), then
+    per size (b), below the member size also (b) unscaled and (a_s), and (w) at the first."""
+    full_shard = _shard_urls(folders[1])
+    result = {"decode": baselines.decode_only(full_shard, args.workers, "strict"), "sizes": {}}
+    for number, size in enumerate(args.sizes):
+        runs = {"pipeline": loader_in_child("train", folders[20], args, size)}
+        if number == 0:
+            runs["webdataset"] = loader_in_child("webdataset", folders[20], args, size)
+        if size < MEMBER_SIZE:
+            runs["unscaled"] = loader_in_child("unscaled", folders[20], args, size)
+            runs["scaled_decode"] = baselines.decode_only(full_shard, args.workers, "strict", size)
+        result["sizes"][size] = runs
+    return result
+
+
+def _by_size(rounds: list, size: int, limit: tuple) -> dict:
+    """Per training size: the best round of (b), (b) unscaled and (a_s), and their ratios to (a)."""
+    runs = [r["sizes"][size] for r in rounds]
+    best = _best([r["pipeline"] for r in runs])
+    line = {"make_loader_sps": round(best["sps"], 1), "decode_only_full_sps": round(limit[0], 1),
+            "ratio_make_loader_to_decode_only_full": round(best["sps"] / limit[0], 3),
+            "ratio_per_round": [round(r["pipeline"]["sps"] / a["decode"][0], 3) for r, a in zip(runs, rounds)],
+            "make_loader_cpu_ms_per_sample": round(best["cpu_ms"], 3),
+            "make_loader_stage_ms_per_sample": {k: round(v, 3) for k, v in best["stage_ms"].items()}}
+    if size < MEMBER_SIZE:
+        unscaled = _best([r["unscaled"] for r in runs])
+        scaled_sps, scaled_cpu = _best([r["scaled_decode"] for r in runs], key=lambda result: result[0])
+        line.update({"make_loader_unscaled_sps": round(unscaled["sps"], 1),
+                     "make_loader_unscaled_cpu_ms_per_sample": round(unscaled["cpu_ms"], 3),
+                     "speedup_of_scaled_decode": round(best["sps"] / unscaled["sps"], 2),
+                     "decode_only_scaled_sps": round(scaled_sps, 1),
+                     "decode_only_scaled_cpu_ms_per_sample": round(1000 * scaled_cpu, 3),
+                     "ratio_make_loader_to_decode_only_scaled": round(best["sps"] / scaled_sps, 3)})
+    return line
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",")]
+    if not sizes or min(sizes) < 1 or max(sizes) > MEMBER_SIZE:
+        raise argparse.ArgumentTypeError(f"sizes must be between 1 and {MEMBER_SIZE}, got {text!r}")
+    return sizes
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print its JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,52 +236,55 @@ def main(argv=None) -> int:
                         help="where the generated dataset and shards are kept between runs (default data/bench-loader)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers and decode processes (default 2)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--sizes", type=_sizes, default=[MEMBER_SIZE, 112, 64],
+                        help=f"training image sides, comma-separated; the first also gets (w), (c), memory and eval "
+                        f"(default {MEMBER_SIZE},112,64; the JPEGs are {MEMBER_SIZE} px)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of (b), (w) and (a) taking turns; each reports its best (default 3)")
+                        help="rounds of (a), (b), (a_s) and (w) taking turns; each reports its best (default 3)")
     parser.add_argument("--seed-samples", type=int, default=2000,
                         help="samples timed for the slow seed approach (c) (default 2000)")
     parser.add_argument("--run", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--image-size", type=int, default=MEMBER_SIZE, help=argparse.SUPPRESS)  # the child's size
     args = parser.parse_args(argv)
     if args.run:
         run_loader(args.run[0], _shard_urls(args.run[1]), args)
         return 0
-    if min(args.workers, args.batch_size, args.image_size, args.seed_samples, args.rounds) < 1:
-        parser.error("--workers, --batch-size, --image-size, --seed-samples and --rounds must be at least 1")
-    dataset, folders = prepare(args.cache, args.image_size)
-    # The machine may be busy with other work that comes and goes: (b), (w) and (a) take turns,
+    if min(args.workers, args.batch_size, args.seed_samples, args.rounds) < 1:
+        parser.error("--workers, --batch-size, --seed-samples and --rounds must be at least 1")
+    dataset, folders = prepare(args.cache, MEMBER_SIZE)
+    size = args.sizes[0]
+    # The machine may be busy with other work that comes and goes: the runs take turns,
     # round after round, and each reports its best round (as timeit does), so that a burst of
     # load hits no one alone. Every round's ratio is printed too.
     rounds = []
     for number in range(1, args.rounds + 1):
-        _log(f"round {number}/{args.rounds}: (b) the pipeline on 20 shards, (w) stock webdataset, (a) decode only")
-        rounds.append({"pipeline": loader_in_child("train", folders[20], args),
-                       "webdataset": loader_in_child("webdataset", folders[20], args),
-                       "decode": baselines.decode_only(_shard_urls(folders[1]), args.workers, "strict")})
-    many = max((r["pipeline"] for r in rounds), key=lambda result: result["sps"])
-    stock = max((r["webdataset"] for r in rounds), key=lambda result: result["sps"])
-    limit, limit_cpu = max((r["decode"] for r in rounds), key=lambda result: result[0])
-    _log("(b') peak memory of the pipeline on 20 shards and on 1 shard, then eval mode")
-    many_memory = loader_in_child("train", folders[20], args, memory=True)
-    one = loader_in_child("train", folders[1], args, memory=True)
-    evaluation = loader_in_child("eval", folders[20], args)
+        _log(f"round {number}/{args.rounds}: (a) decode only, then (b), (a_s) and (w) at {args.sizes} px")
+        rounds.append(_round(args, folders))
+    at_first = [r["sizes"][size] for r in rounds]
+    many, stock = _best([r["pipeline"] for r in at_first]), _best([r["webdataset"] for r in at_first])
+    limit, limit_cpu = _best([r["decode"] for r in rounds], key=lambda result: result[0])
+    _log(f"(b') peak memory of the pipeline on 20 shards and on 1 shard, then eval mode, at {size} px")
+    many_memory = loader_in_child("train", folders[20], args, size, memory=True)
+    one = loader_in_child("train", folders[1], args, size, memory=True)
+    evaluation = loader_in_child("eval", folders[20], args, size)
     _log("(a') decode only, lenient and torchvision")
     _, lenient_cpu = baselines.decode_only(_shard_urls(folders[1]), args.workers, "lenient")
     torchvision_sps, torchvision_cpu = baselines.decode_only(_shard_urls(folders[1]), args.workers, "torchvision")
     _log("(c) seed approach: zip + PIL + ToTensor, 1 worker")
-    seed = baselines.seed_zip_pil(dataset, args.seed_samples, args.batch_size, args.image_size)
+    seed = baselines.seed_zip_pil(dataset, args.seed_samples, args.batch_size, size)
     _log("(f) bytes fetched per epoch, 8 ranks x 8 workers over 20 shards (bench/bytes_fetched.py)")
     fetched = bytes_fetched.measure()
     print(json.dumps({
-        "samples_per_epoch": many["samples"] // EPOCHS, "epochs": EPOCHS, "image_size": args.image_size,
+        "samples_per_epoch": many["samples"] // EPOCHS, "epochs": EPOCHS, "image_size": size,
         "workers": args.workers, "batch_size": args.batch_size, "cpus": os.cpu_count(), "rounds": args.rounds,
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "decode_only_sps": round(limit, 1), "make_loader_sps": round(many["sps"], 1),
         "webdataset_sps": round(stock["sps"], 1),
         "ratio_make_loader_to_decode_only": round(many["sps"] / limit, 3),
         "ratio_make_loader_to_webdataset": round(many["sps"] / stock["sps"], 2),
-        "ratio_to_decode_only_per_round": [round(r["pipeline"]["sps"] / r["decode"][0], 3) for r in rounds],
-        "ratio_to_webdataset_per_round": [round(r["pipeline"]["sps"] / r["webdataset"]["sps"], 2) for r in rounds],
+        "ratio_to_decode_only_per_round": [round(r["pipeline"]["sps"] / a["decode"][0], 3)
+                                           for r, a in zip(at_first, rounds)],
+        "ratio_to_webdataset_per_round": [round(r["pipeline"]["sps"] / r["webdataset"]["sps"], 2) for r in at_first],
         # CPU time per sample does not depend on what else the machine runs at the time.
         "decode_only_cpu_ms_per_sample": round(1000 * limit_cpu, 3),
         "make_loader_cpu_ms_per_sample": round(many["cpu_ms"], 3),
@@ -243,6 +302,7 @@ def main(argv=None) -> int:
         "peak_pss_mib_1_shard": round(one["peak_pss_mib"]),
         "seed_zip_pil_sps": round(seed, 1), "speedup_over_seed": round(many["sps"] / seed, 2),
         "bytes_fetched_ratio_8x8": fetched["ratio"], "bytes_fetched_baseline_ratio_8x8": fetched["baseline_ratio"],
+        "sizes": {str(side): _by_size(rounds, side, (limit, limit_cpu)) for side in args.sizes},
     }))
     return 0
 

@@ -2,8 +2,9 @@
 
 - decode_only: each sample's four JPEGs decoded from memory by the pipeline's decoder
   (simplejpeg, strict) in `workers` processes, nothing else: the ceiling for any loader
-  doing this decode. Also with strict=False (what detecting corrupt JPEGs costs) and with
-  torchvision.io.decode_jpeg (the decoder the pipeline used before).
+  doing this decode. Also with strict=False (what detecting corrupt JPEGs costs), with
+  torchvision.io.decode_jpeg (the decoder the pipeline used before), and at the libjpeg
+  reduction the pipeline's scaled decode uses for a training size (pipeline.decode.scaled_shape).
 - stock webdataset: webdataset.WebDataset over the same shards, a shuffle buffer, the
   pipeline's own per-sample decode + fit (pipeline.decode.decode, background cache included)
   and augmentation draw, batches of `batch_size` collated by webdataset, a torch DataLoader
@@ -26,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg as torchvision_decode_jpeg
 
 from pipeline import schema
 from pipeline.augment import draw, sample_rng
-from pipeline.decode import COLORSPACES, Decoder, decode
+from pipeline.decode import COLORSPACES, Decoder, decode, scaled_shape
 from pipeline.shardreader import read_samples
 
 _SAMPLES = []  # decode_only's encoded samples, filled before its processes fork
@@ -39,7 +40,7 @@ def cpu_seconds(who) -> float:
 
 # --- decode only -------------------------------------------------------------------------
 def _decode_range(job) -> int:
-    (start, stop), how = job
+    (start, stop), how, size = job
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 flags its codecs on every call
     for members in _SAMPLES[start:stop]:
@@ -47,21 +48,26 @@ def _decode_range(job) -> int:
             if how == "torchvision":
                 torchvision_decode_jpeg(torch.frombuffer(bytearray(members[name]), dtype=torch.uint8),
                                         mode=ImageReadMode.RGB if space == "RGB" else ImageReadMode.GRAY)
-            else:
+            elif size is None:
                 simplejpeg.decode_jpeg(members[name], space, strict=how == "strict")
+            else:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(members[name])
+                height, width = scaled_shape(height, width, (size, size))
+                simplejpeg.decode_jpeg(members[name], space, min_height=height, min_width=width, strict=how == "strict")
     return stop - start
 
 
-def decode_only(urls: list[str], workers: int, how: str = "strict") -> tuple[float, float]:
+def decode_only(urls: list[str], workers: int, how: str = "strict", size: int | None = None) -> tuple[float, float]:
     """(samples/s, CPU seconds per sample) of decoding the shards' JPEGs in `workers` processes;
-    `how`: "strict" (the pipeline's decode), "lenient" (strict=False) or "torchvision"."""
+    `how`: "strict" (the pipeline's decode), "lenient" (strict=False) or "torchvision"; with
+    `size` (simplejpeg only), each JPEG at the reduction scaled decode uses for that training size."""
     _SAMPLES.extend(s.members for url in urls for s in read_samples(url, 0, None) if s.error is None)
     step = -(-len(_SAMPLES) // workers)
     cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.map(_decode_range, [((0, 1), how)] * workers)  # processes up before the clock starts
+        pool.map(_decode_range, [((0, 1), how, size)] * workers)  # processes up before the clock starts
         started = time.perf_counter()
-        done = sum(pool.map(_decode_range, [((i, i + step), how) for i in range(0, len(_SAMPLES), step)]))
+        done = sum(pool.map(_decode_range, [((i, i + step), how, size) for i in range(0, len(_SAMPLES), step)]))
         elapsed = time.perf_counter() - started
     _SAMPLES.clear()
     return done / elapsed, (cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before) / done

@@ -86,7 +86,7 @@ class _Source:
     def __call__(self, buffers: BatchBuffers, worker: int, epoch: int, start_batch: int, generation: int,
                  chain: bool):
         if self._decoder is None:
-            self._decoder = Decoder(self.options.image_size)
+            self._decoder = Decoder(self.options.image_size, scaled=self.options.scaled_decode)
         skip = batches_to_skip(start_batch, worker, self.options.processes)
         while True:
             share = self.plan(epoch).shares[self.options.rank][worker]

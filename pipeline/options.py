@@ -14,10 +14,13 @@ class LoaderOptions:
     """How a Pipeline reads its shards; Pipeline(urls, **options) and make_loader take these names.
 
     batch_size, workers: samples per batch and loader processes (0: batches made in the main
-    process). image_size: the side every image is fitted to. train: shuffle (shards by seed
-    and epoch, samples in a buffer of `shuffle_buffer`), draw augmentations, drop each rank's
-    last partial batch; else (eval) every sample once, in order. seed: the shard order, the
-    shuffle buffer and the draws. rank/world_size: explicit values win, else
+    process). image_size: the side every image is fitted to. scaled_decode: a JPEG at least
+    twice image_size is decoded smaller by libjpeg (1/2, 1/4 or 1/8, never below image_size)
+    before it is fitted, for a fraction of the CPU; False decodes every member whole (for
+    comparisons; pipeline.decode). train: shuffle (shards by seed and epoch, samples in a
+    buffer of `shuffle_buffer`), draw augmentations, drop each rank's last partial batch;
+    else (eval) every sample once, in order. seed: the shard order, the shuffle buffer and
+    the draws. rank/world_size: explicit values win, else
     torch.distributed's when initialised, else 0 and 1. pin_memory (None: when CUDA is
     available): batches copied to page-locked memory by DataLoader's pin-memory thread.
     shard_sizes: sample counts (list, or name -> count), else the manifest beside the shards,
@@ -30,6 +33,7 @@ class LoaderOptions:
     batch_size: int
     workers: int
     image_size: int = 224
+    scaled_decode: bool = True
     train: bool = True
     seed: int = 0
     storage_options: dict | None = None
