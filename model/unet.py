@@ -105,7 +105,11 @@ class UNet(nn.Module):
         y = skips.pop()
         for block in self.up:
             y = block(y, skips.pop())
-        return self.mask_head(y), torch.sigmoid(self.depth_head(y))
+        # The heads and the sigmoid in float32 also under autocast: in bf16 the predicted depth
+        # near 1 would step by 2^-8, the size of the 8-bit target's own step.
+        with torch.autocast(y.device.type, enabled=False):
+            y = y.float()
+            return self.mask_head(y), torch.sigmoid(self.depth_head(y))
 
 
 @functools.cache

@@ -23,19 +23,18 @@ FORMAT = "bgfg-unet-checkpoint/1"  # tells our checkpoints apart from any other 
 
 
 def rng_states() -> dict:
-    """The state of every random generator a run may draw from."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    """The generators a run may draw from on the host. The CUDA generators are left out: nothing
+    in a run draws from them (the augmentation is drawn in the workers from per-sample seeds), a
+    state per visible GPU would tie the checkpoint to that many GPUs, and reading them would
+    start CUDA in a `--device cpu` run."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def restore_rng_states(states: dict) -> None:
+    """Restore rng_states(); a "cuda" entry (checkpoints of earlier versions) is ignored."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save(path: Path, state: dict) -> None:
@@ -110,7 +109,10 @@ def resume(setup) -> Progress:
     setup.model.load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
-    setup.scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not setup.scaler.is_enabled():
+        setup.scaler.load_state_dict(state["scaler"])
+    else:  # a run without fp16 saves an empty scaler state, which an enabled GradScaler refuses
+        setup.say("note: last.pt was not trained with --amp fp16: its loss scale starts afresh")
     restore_rng_states(state["rng"])
     progress = Progress.from_state_dict(state)
     if state["loader"] != setup.loader_identity:

@@ -31,20 +31,44 @@ class Context:
 
 
 def setup(device_choice: str) -> Context:
-    """Pick the device and, when started by torchrun (WORLD_SIZE > 1), join the process group."""
+    """Pick the device (a CPU run hides the GPUs from itself and its workers) and, when started by
+    torchrun (WORLD_SIZE > 1), join the process group; then tune the process for the device
+    (configure_process)."""
     use_cuda = uses_cuda(device_choice)
+    if not use_cuda:
+        # Hidden before anything asks the driver: torch itself starts CUDA in a CPU run on a GPU
+        # machine (each optimizer step asks for the current CUDA stream, to check for graph capture).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        global _host_group
-        _host_group = dist.new_group(backend="gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Context(dist.get_rank(), dist.get_world_size(), device)
+        ctx = Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    else:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            global _host_group
+            _host_group = dist.new_group(backend="gloo")
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        ctx = Context(dist.get_rank(), dist.get_world_size(), device)
+    configure_process(ctx.device)
+    return ctx
+
+
+def configure_process(device: torch.device) -> None:
+    """On CUDA: cuDNN picks the fastest convolution algorithms for the run's shapes (fixed: one
+    image size, full batches but for a rare shrunken one and validation's last, each timed once),
+    and, unless OMP_NUM_THREADS says otherwise, this process keeps one OpenMP thread, as under
+    torchrun: the GPU does the arithmetic, and the cores are for the loader's decode workers,
+    which all cores of spinning OpenMP threads would compete with. On the CPU the model's
+    arithmetic is this process's, so it keeps torch's default (one thread per core); the workers
+    need little there, the step being far slower than decoding its batch."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 def teardown() -> None:

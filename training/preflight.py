@@ -3,6 +3,8 @@ prediction (predict.py): a run that cannot go through fails now, in one line, in
 its first validation or in an allocation failure deep inside a step.
 """
 
+import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import torch
 
 from model import LossWeights, UNet, UNetConfig, count_parameters, total_loss
 from pipeline import Pipeline, PipelineError, expand_urls, schema
+from pipeline.batchmemory import Layout
 from pipeline.streams import open_range
+from pipeline.workers import BUFFERS_PER_WORKER
 
 from . import UserError
 from .distributed import Context, fail_together
@@ -20,6 +24,9 @@ from .runfolder import find_val_shards
 # estimate below came to 0.84-1.09 of it: a step also holds its input, gradients of activations
 # in flight and allocator slack.
 _MARGIN = 1.4
+# POSIX shared memory (shm_open), where the loader's batch buffers live (pipeline.batchmemory).
+SHARED_MEMORY = Path("/dev/shm")
+_SHARED_SLACK = 8 * 2**20  # multiprocessing's locks and arenas and the buffers' busy flags live there too
 
 
 def probe_shard(url: str, storage_options: dict | None = None, *, retries: int = 5) -> None:
@@ -127,6 +134,48 @@ def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: t
                         f"{device} has {_gib(free)} free")
 
 
+def shared_memory_free() -> int | None:
+    """Free bytes in SHARED_MEMORY; None where there is none to measure."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def shared_buffer_bytes(data: Pipeline) -> int:
+    """The shared memory a Pipeline's batch buffers take once its workers start (none without
+    workers: the batches are then made in this process's own memory)."""
+    options = data.options
+    if not options.workers:
+        return 0
+    return options.workers * BUFFERS_PER_WORKER * Layout(options.batch_size, options.image_size, options.train).nbytes
+
+
+def check_shared_memory(train_data: Pipeline, val_data: Pipeline | None, local_ranks: int) -> None:
+    """Raise UserError when the batch buffers of the run's loaders, on every rank of this machine,
+    would not fit in /dev/shm (Docker gives a container 64 MB unless told --shm-size).
+
+    They are made once the workers start, after this check: the training loader's, and at the
+    first validation the baselines' fit and the validation loader's, the same size each (eval
+    layout); the fit's are freed before the validation loader's are made, so two pipelines'
+    worth counts, not three.
+    """
+    free = shared_memory_free()
+    if free is None:
+        return
+    per_rank = shared_buffer_bytes(train_data) + (shared_buffer_bytes(val_data) if val_data else 0)
+    needed = per_rank * local_ranks + _SHARED_SLACK if per_rank else 0
+    if needed > free:
+        ranks = f" x {local_ranks} ranks on this machine" if local_ranks > 1 else ""
+        raise UserError(
+            f"{SHARED_MEMORY} has {free / 2**20:,.0f} MiB free, the loader's shared batch buffers need "
+            f"{needed / 2**20:,.0f} MiB (--workers {train_data.options.workers} x {BUFFERS_PER_WORKER} batches of "
+            f"{train_data.options.batch_size} at {train_data.options.image_size} px, for training"
+            f"{' and validation' if val_data else ''}{ranks}): in Docker pass "
+            f"--shm-size={math.ceil(needed * 1.25 / 2**30)}g, or use fewer --workers or a smaller --batch-size")
+
+
 def check_training(args, ctx: Context, loader_args: dict, amp_dtype):
     """train.py's data and checks before its first step, on every rank (a failure on one stops
     all: a shard listing, a manifest, a cache folder or a probe can fail on one node only).
@@ -140,6 +189,7 @@ def check_training(args, ctx: Context, loader_args: dict, amp_dtype):
         train_data = Pipeline(train_urls, train=True, **loader_args)
         val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
         val_data = open_validation_shards(val_urls, loader_args)
+        check_shared_memory(train_data, val_data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
                      amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
     return train_urls, train_data, val_urls, val_data
