@@ -54,6 +54,7 @@ def open_data(args, ctx: distributed.Context, amp_dtype):
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        scaled_decode=args.scaled_decode, seed=args.seed,
                        storage_options=args.storage_options, retries=args.retries, cache_dir=args.cache_dir,
+                       cache_limit=args.cache_limit,
                        pin_memory=ctx.device.type == "cuda")
     train_urls, train_data, val_urls, val_data = preflight.check_training(args, ctx, loader_args, amp_dtype)
     if ctx.is_main:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import batchmemory
+from pipeline import batchmemory, cache
 from pipeline.augment import draw, sample_rng
 from pipeline.batchmemory import AUG, BatchBuffers
 from pipeline.decode import CHANNELS, BadSample, Decoder, check
@@ -38,7 +38,8 @@ class Record:
     """One batch as a worker hands it to the main process: where its images are (a batch
     buffer, or fresh memory), what it holds, and what it cost.
 
-    `seconds` is the worker's time spent on this batch, by stage (STAGES).
+    `seconds` is the worker's time spent on this batch, by stage (STAGES); `cache`, what
+    the worker's cache counted meanwhile (pipeline.cache.counters).
     """
 
     generation: int
@@ -47,6 +48,7 @@ class Record:
     keys: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
     buffers_token: int = -1  # which BatchBuffers `buffer` is one of
     buffer: int | None = None
     fresh: torch.Tensor | None = None
@@ -72,7 +74,8 @@ def _samples(share: Share, options: LoaderOptions, shards: tuple[ShardInfo, ...]
     for shard, start, stop in share.ranges:
         info = shards[shard]
         yield from read_samples(info.url, start, stop, options.storage_options, retries=options.retries,
-                                retry_wait=options.retry_wait, info=info, cache_dir=options.cache_dir)
+                                retry_wait=options.retry_wait, info=info, cache_dir=options.cache_dir,
+                                cache_limit=options.cache_limit)
 
 
 def _shuffled(samples, size: int, rng: random.Random):
@@ -101,6 +104,7 @@ class _ShareBatcher:
             samples = _shuffled(samples, options.shuffle_buffer, rng)
         self.samples = samples
         self.pulled, self.read_seconds = 0, 0.0
+        self.cached = cache.counters()  # as of the last record: each says what was counted since
 
     def _next(self):
         started = time.perf_counter()
@@ -161,8 +165,10 @@ class _ShareBatcher:
                 buffers.free(claim.buffer)  # never sent, so still this worker's to give back
                 raise
             seconds = {stage: b - a for stage, a, b in zip(STAGES, before, self._spent())}
+            counted, self.cached = self.cached, cache.counters()
+            counted = {name: count - counted[name] for name, count in self.cached.items()}
             yield Record(generation=generation, epoch=self.epoch, index=batch_index(i, self.worker, self.options.processes),
-                         keys=keys, skipped=skipped, seconds=seconds, buffers_token=buffers.token,
+                         keys=keys, skipped=skipped, seconds=seconds, cache=counted, buffers_token=buffers.token,
                          buffer=claim.buffer, fresh=claim.fresh)
 
 

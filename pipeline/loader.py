@@ -46,6 +46,7 @@ import sys
 
 import torch
 
+from pipeline import cache, cachelimit
 from pipeline.batches import STAGES, share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
@@ -111,11 +112,16 @@ class Pipeline:
 
     def __init__(self, urls, **options):
         # First: close() (from __del__) must work when the checks below raise.
-        self._pool, self._pass = None, None
+        self._pool = None
+        self._pass: Pass | None = None  # the last pass started, while its workers run
         self.options = options = LoaderOptions(**options).resolved()
         shards = prepare_shards(expand_urls(urls, options.storage_options), options.storage_options,
                                 options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
                                 cache_dir=options.cache_dir)
+        if options.cache_limit is not None:
+            local_rank, local_ranks = cachelimit.local_ranks(options.world_size)
+            cachelimit.check_limit(options.cache_dir, options.cache_limit, shards,
+                                   readers=options.processes * local_ranks, warn=local_rank == 0)
         self.source = _Source(options, tuple(shards))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
@@ -126,7 +132,6 @@ class Pipeline:
         self.train, self.workers = options.train, options.workers
         self.pin_memory = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
         self._layout = Layout(options.batch_size, options.image_size, options.train)
-        self._pass: Pass | None  # the last pass started, while its workers run
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, *, chain: bool = True) -> "Loader":
         """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
@@ -178,7 +183,9 @@ class Loader:
     pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped), the workers'
     seconds on each of pipeline.batches.STAGES as ``read_s``, ``decode_s``, ``fit_s`` (summed
     over workers, for the batches delivered so far) and ``wait_s``, the time this process
-    waited for the next batch.
+    waited for the next batch; with a cache_dir also ``cache_hits``, ``cache_misses``,
+    ``cache_evictions`` (the workers' counts, pipeline.cache.counters) and ``cache_bytes``
+    (what the folder holds, as of the last batch that changed a count).
     """
 
     def __init__(self, pipeline: Pipeline, epoch: int, start_batch: int, *, chain: bool = False,
@@ -189,11 +196,14 @@ class Loader:
         self._chain, self._close_after = chain, close_after
         self.batches_per_epoch, self.num_samples = pipeline.batches_per_epoch, pipeline.samples_per_epoch
         self.skipped: list[dict] = []
+        self._cache_dir = pipeline.options.cache_dir
         self.stats = self._zero_stats()
 
-    @staticmethod
-    def _zero_stats() -> dict:
-        return {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0}
+    def _zero_stats(self) -> dict:
+        stats = {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0}
+        if self._cache_dir is not None:
+            stats.update({f"cache_{name}": 0 for name in cache.COUNTS}, cache_bytes=cachelimit.bytes_under(self._cache_dir))
+        return stats
 
     def __len__(self) -> int:
         """Batches one pass yields: the epoch's batches minus `start_batch`."""
@@ -213,6 +223,10 @@ class Loader:
                 self.stats["skipped"] += len(record.skipped)
                 for stage, seconds in record.seconds.items():
                     self.stats[f"{stage}_s"] += seconds
+                if self._cache_dir is not None and any(record.cache.values()):
+                    for name, count in record.cache.items():
+                        self.stats[f"cache_{name}"] += count
+                    self.stats["cache_bytes"] = cachelimit.bytes_under(self._cache_dir)
                 yield this_pass.batch(record)
         finally:
             if self._close_after:
@@ -236,7 +250,7 @@ def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loa
     urls: brace pattern, glob, fsspec URL or a list of them; epoch: which epoch's plan;
     options: the keyword arguments of pipeline.options.LoaderOptions (batch_size and workers
     required; image_size, train, seed, storage_options, rank, world_size, pin_memory,
-    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir), as Pipeline takes them.
+    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit), as Pipeline takes them.
     Every rank gets len(loader) batches; train drops each rank's last partial batch and
     shuffles, eval yields every sample once. Bad samples are replaced by spares; when those
     run out (or a shard ends early) batches shrink, even to empty, but never repeat a sample or
@@ -244,7 +258,8 @@ def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loa
     first n (skipped without decoding). Each worker fetches only the bytes of its samples where
     a shard has an index (see pipeline.shardreader).
     Raises PipelineError (naming the pattern, URL or option) before the first batch when the
-    shards cannot be found, the first one cannot be opened or cache_dir cannot be written.
+    shards cannot be found, the first one cannot be opened, cache_dir cannot be written or
+    cache_limit is below the largest file to cache.
     Damaged tar data never raises: each sample it costs is skipped and reported.
     """
     return Loader(Pipeline(urls, **options), epoch, start_batch, close_after=True)

@@ -28,6 +28,8 @@ class LoaderOptions:
     Transient read errors are retried `retries` times, waiting retry_wait * 2**attempt.
     cache_dir: keep remote shards there, checked against the manifest's size and sha256, for
     later epochs and runs (pipeline.cache); the processes of one machine may share it.
+    cache_limit: the bytes cache_dir may hold, its other files and downloads counted; the
+    least recently used copy no process reads is evicted to make room (pipeline.cachelimit).
     """
 
     batch_size: int
@@ -45,6 +47,7 @@ class LoaderOptions:
     retries: int = 5
     retry_wait: float = 1.0
     cache_dir: str | os.PathLike | None = None
+    cache_limit: int | None = None
 
     @property
     def processes(self) -> int:
@@ -58,6 +61,11 @@ class LoaderOptions:
                             ("retries", 0)):
             if getattr(self, name) < least:
                 raise PipelineError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.cache_limit is not None:
+            if self.cache_dir is None:
+                raise PipelineError("cache_limit needs a cache_dir to bound")
+            if not isinstance(self.cache_limit, int) or self.cache_limit < 1:
+                raise PipelineError(f"cache_limit must be a number of bytes >= 1, got {self.cache_limit!r}")
         rank, world_size = _rank_and_world(self.rank, self.world_size)
         if not 0 <= rank < world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}")

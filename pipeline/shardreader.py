@@ -8,6 +8,7 @@ reported, numbered, since its key cannot be known. Malformed tar data never rais
 only storage that cannot be read does (PipelineError).
 """
 
+import contextlib
 import io
 import logging
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_
 
 def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
                  wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0,
-                 info: ShardInfo | None = None, cache_dir: str | None = None):
+                 info: ShardInfo | None = None, cache_dir: str | None = None, cache_limit: int | None = None):
     """Yield samples number start..stop-1 of a shard (stop None: to its end), one ShardSample
     each, reading only their bytes where the shard has an index (see the module docstring).
 
@@ -125,21 +126,24 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
     data, a shard with fewer samples than `stop`) is yielded with `error` set, one per lost
     sample, so the caller can count and report each. `info` (from prepare_shards) is what the
     main process learnt of the shard; without it, an index beside the shard is used if there
-    is one. With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache).
+    is one. With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache),
+    held until the last sample is read (or the generator closed), under `cache_limit` bytes.
     """
     index = None
     if info is None or info.index is not None:
-        index = load_index(url, storage_options, expected=info.index if info else None,
-                           cache_dir=cache_dir, retries=retries, retry_wait=retry_wait)
-    source = url
+        index = load_index(url, storage_options, expected=info.index if info else None, cache_dir=cache_dir,
+                           cache_limit=cache_limit, retries=retries, retry_wait=retry_wait)
+    copy = contextlib.nullcontext()
     if cache_dir is not None and not is_local(url):
-        source = cache.fetch(cache_dir, url, shard_basename(url), info.shard if info else None, storage_options,
-                             retries=retries, retry_wait=retry_wait) or url
-    if index is None:
-        yield from _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait)
-    else:
-        yield from _indexed(url, source, index, start, len(index.keys) if stop is None else stop,
-                            storage_options, lambda key, suffix: suffix in wanted, retries, retry_wait)
+        copy = cache.fetch(cache_dir, url, shard_basename(url), info.shard if info else None, storage_options,
+                           limit=cache_limit, retries=retries, retry_wait=retry_wait)
+    with copy as source:
+        source = source or url
+        if index is None:
+            yield from _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait)
+        else:
+            yield from _indexed(url, source, index, start, len(index.keys) if stop is None else stop,
+                                storage_options, lambda key, suffix: suffix in wanted, retries, retry_wait)
 
 
 def _discover(url: str, storage_options, retries: int, retry_wait: float) -> tuple[dict | None, schema.ShardIndex | None]:
@@ -189,9 +193,10 @@ def prepare_shards(urls: list[str], storage_options: dict | None = None, explici
 
 
 def _probe(shard: ShardInfo, storage_options, retries: int, retry_wait: float, cache_dir: str | None) -> None:
-    source = shard.url
+    copy = contextlib.nullcontext()
     if cache_dir is not None and not is_local(shard.url):
-        source = cache.lookup(cache_dir, shard_basename(shard.url), shard.shard) or source
-    with open_range(source, storage_options, end=BLOCK, retries=retries, retry_wait=retry_wait) as probe:
+        copy = cache.lookup(cache_dir, shard_basename(shard.url), shard.shard)
+    with copy as source, open_range(source or shard.url, storage_options, end=BLOCK, retries=retries,
+                                    retry_wait=retry_wait) as probe:
         if len(probe.read(BLOCK)) < BLOCK:
             raise PipelineError(f"{shard.url}: too short to be a tar shard")

@@ -28,7 +28,8 @@ def served(shard_dir, tmp_path):
 
 def _fetch_after(barrier, out, cache_dir, url, expected):
     barrier.wait(timeout=30)
-    out.put(cache.fetch(cache_dir, url, SHARD, expected, None, retries=0))
+    with cache.fetch(cache_dir, url, SHARD, expected, None, retries=0) as path:
+        out.put(path)
 
 
 def test_processes_sharing_a_cache_download_each_file_once(served, tmp_path):
@@ -60,8 +61,9 @@ def test_a_download_that_does_not_match_the_manifest_is_not_kept(served, tmp_pat
     wrong = {"bytes": expected["bytes"], "sha256": "0" * 64}
     url = f"{server.url}/{SHARD}"
     with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
-        assert cache.fetch(str(cache_dir), url, SHARD, wrong, None) is None
-        assert cache.fetch(str(cache_dir), url, SHARD, wrong, None) is None  # not tried twice
+        for _ in range(2):  # not tried twice
+            with cache.fetch(str(cache_dir), url, SHARD, wrong, None) as path:
+                assert path is None
     assert [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()] == [
         f"{url}: not cached: {len(data)} bytes with sha256 {expected['sha256'][:12]}..., the manifest "
         f"says {len(data)} bytes, 000000000000..."]

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import cache
 from pipeline.batches import STAGES
 from training import distributed
 
@@ -14,12 +15,19 @@ except ImportError:  # tensorboard is optional
     SummaryWriter = None
 
 
+# The loader's stats a window adds up: its stages' seconds, and its cache's counts (with a cache_dir).
+CACHE_COUNTS = tuple(f"cache_{name}" for name in cache.COUNTS)
+_COUNTED = tuple(f"{stage}_s" for stage in STAGES) + CACHE_COUNTS
+
+
 class Window:
     """Totals since the last log line: loss summed over samples (a device tensor), samples,
-    data wait, and the loader's worker seconds per stage (`loader`, by pipeline.batches.STAGES)."""
+    data wait, the loader's worker seconds per stage (`loader`, by pipeline.batches.STAGES),
+    its cache's counts (`cache`, by CACHE_COUNTS) and the bytes its cache_dir held when last
+    seen (`cache_bytes`; None without one)."""
 
     def __init__(self):
-        self._followed, self._seen = None, {}
+        self._followed, self._seen, self.cache_bytes = None, {}, None
         self.restart()
 
     def restart(self) -> None:
@@ -27,22 +35,28 @@ class Window:
         self.start = time.perf_counter()
         self.loss, self.samples, self.data_wait = 0.0, 0, 0.0
         self.loader = dict.fromkeys(STAGES, 0.0)
+        self.cache = dict.fromkeys(CACHE_COUNTS, 0)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
     def follow(self, loader) -> None:
-        """Count `loader`'s stage seconds from now on (a window can span two epochs' loaders)."""
-        self._followed, self._seen = loader, {stage: loader.stats[f"{stage}_s"] for stage in STAGES}
+        """Count `loader`'s stage seconds and cache counts from now on (a window can span two
+        epochs' loaders)."""
+        self._followed, self._seen = loader, {name: loader.stats.get(name, 0) for name in _COUNTED}
 
     def take_loader_stats(self, loader) -> None:
-        """Add what `loader`'s stages took since last seen."""
+        """Add what `loader`'s stages took, and its cache counted, since last seen."""
         if loader is not self._followed:
             self.follow(loader)
-        for stage in STAGES:
-            now = loader.stats[f"{stage}_s"]
-            self.loader[stage] += now - self._seen[stage]
-            self._seen[stage] = now
+        for name in _COUNTED:
+            now = loader.stats.get(name, 0)
+            added, self._seen[name] = now - self._seen[name], now
+            if name in self.cache:
+                self.cache[name] += added
+            else:
+                self.loader[name.removesuffix("_s")] += added
+        self.cache_bytes = loader.stats.get("cache_bytes")
 
 
 class RunLogger:
@@ -97,7 +111,8 @@ def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: di
     Besides data_wait (the share of the time the loop waited for a batch), it says where this
     rank's loader spent its time: loader_<stage>_ms for each of pipeline.batches.STAGES, worker
     milliseconds per sample summed over the workers, so a slow step shows whether the data or
-    the model held it up, and which stage of the data.
+    the model held it up, and which stage of the data; with a cache_dir, this rank's loader's
+    cache_hits, cache_misses and cache_evictions in the window and cache_bytes, the folder's bytes.
     """
     seconds = window.seconds()
     local_samples = max(window.samples, 1)
@@ -105,4 +120,5 @@ def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: di
             **{k: float(v) for k, v in (terms or {}).items()}, "lr": lr,
             "samples_per_s": totals.samples / seconds, "data_wait": window.data_wait / seconds,
             **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in STAGES},
-            "skipped": skipped}
+            "skipped": skipped,
+            **({} if window.cache_bytes is None else {**window.cache, "cache_bytes": window.cache_bytes})}

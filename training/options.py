@@ -8,6 +8,7 @@ import os
 import torch
 
 from model import LossWeights, UNetConfig, check_image_size
+from pipeline.cachelimit import parse_size
 
 from . import UserError
 from .signals import DUPLICATE_WINDOW
@@ -45,6 +46,17 @@ def number(kind, *, least=None, above=None, below=None):
         return value
 
     return parse
+
+
+def size(text: str) -> int:
+    """An argparse type: a size in bytes, 50GB or 512MiB style (pipeline.cachelimit.parse_size), at least 1."""
+    try:
+        value = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return value
 
 
 POSITIVE_INT, COUNT = number(int, least=1), number(int, least=0)
@@ -112,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"retries of a failing shard read (backoff 1, 2, 4... s; at most {MAX_RETRIES})")
     data.add_argument("--cache-dir", help="keep remote shards in this local folder (checked against the manifest's "
                       "sha256) for later epochs and runs; the ranks of one machine may share it")
+    data.add_argument("--cache-limit", type=size,
+                      help="bytes --cache-dir may hold, e.g. 50GB, 1.5TB, 500MB (decimal) or 512MiB (binary); "
+                      "the least recently used shard no process reads is evicted to make room")
     data.add_argument(
         "--storage-option",
         dest="storage_options",
@@ -181,6 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not any(getattr(args, f"w_{term}") for term in LOSS_TERMS):
         raise UserError("--w-" + "/--w-".join(LOSS_TERMS) + ": all loss weights are 0, nothing would be learned")
     check_device(args.device)
+    if args.cache_limit is not None and args.cache_dir is None:
+        raise UserError("--cache-limit: needs --cache-dir, the folder it bounds")
     if args.steps is None and args.epochs is None:
         args.epochs = 5
     return args
