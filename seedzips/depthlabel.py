@@ -73,8 +73,8 @@ class DepthLabeller:
         else:
             self.dtype = torch.float32
         try:
-            self.processor = transformers.AutoImageProcessor.from_pretrained(model)
             self.model = transformers.AutoModelForDepthEstimation.from_pretrained(model, dtype=self.dtype)
+            self.processor = transformers.AutoImageProcessor.from_pretrained(model)
         except Exception as error:  # transformers raises OSError, ValueError, KeyError... with the reason
             raise ConvertError(f"cannot load depth model {model}: {_first_line(error)}") from None
         self.model.to(self.device).eval()
