@@ -95,7 +95,8 @@ def load_foreground(path: str, mask_path: str | None) -> np.ndarray:
 def _mask_path(mask_dir: str, name: str) -> str | None:
     """The mask file of foreground `name`: the same name, or the same stem as a JPEG/PNG."""
     stem = os.path.splitext(name)[0]
-    for candidate in (name, *(stem + ext for ext in IMAGE_EXTENSIONS), *(stem + ext.upper() for ext in IMAGE_EXTENSIONS)):
+    extensions = IMAGE_EXTENSIONS + tuple(ext.upper() for ext in IMAGE_EXTENSIONS)
+    for candidate in (name, *(stem + ext for ext in extensions)):
         if os.path.isfile(os.path.join(mask_dir, candidate)):
             return os.path.join(mask_dir, candidate)
     return None

@@ -107,7 +107,8 @@ def _write_zip(job: dict) -> None:
                     archive.writestr(zip_info(f"{schema.COMPOSITE_DIR}/{name}"), composite_bytes)
                     labels.append(name)
                     if key not in faults["missing_depth"]:
-                        depth_members.append((f"{schema.DEPTH_DIR}/{name}", encode_jpeg(_depth_image(depth, mode), MEMBER_QUALITY)))
+                        depth_bytes = encode_jpeg(_depth_image(depth, mode), MEMBER_QUALITY)
+                        depth_members.append((f"{schema.DEPTH_DIR}/{name}", depth_bytes))
         # The depth maps were added in a later pass, in an order unrelated to the rest.
         archive.writestr(zip_info(schema.DEPTH_DIR + "/"), b"")
         for index in generator.permutation(len(depth_members)):

@@ -244,17 +244,17 @@ def _bad_inputs(photos, depth_model, tmp_path) -> dict:
     (tmp_path / "bad-config").mkdir()
     (tmp_path / "bad-config" / "config.json").write_text('{"model_type": "no-such-model"}')
     bg, fg = str(photos / "bg"), str(photos / "fg")
-    masks = ["--fg-masks", str(photos / "masks")]
+    good = ["--bg", bg, "--fg", fg, "--fg-masks", str(photos / "masks")]
     model = ["--depth-model", depth_model]
-    return {"empty folder": (["--bg", str(tmp_path / "empty"), "--fg", fg, *masks, *model], "no JPEG or PNG"),
-            "missing folder": (["--bg", bg, "--fg", str(tmp_path / "nowhere"), *masks, *model], "not a folder"),
-            "no alpha, no mask": (["--bg", bg, "--fg", str(tmp_path / "opaque"), *model], "no alpha channel and no mask"),
-            "unreadable image": (["--bg", str(tmp_path / "broken"), "--fg", fg, *masks, *model], "unreadable image"),
-            "model folder without a model": (["--bg", bg, "--fg", fg, *masks, "--depth-model", str(tmp_path / "no-model")],
+    return {"empty folder": ([*good, *model, "--bg", str(tmp_path / "empty")], "no JPEG or PNG"),
+            "missing folder": ([*good, *model, "--fg", str(tmp_path / "nowhere")], "not a folder"),
+            "no alpha, no mask": (["--bg", bg, "--fg", str(tmp_path / "opaque"), *model],
+                                  "no alpha channel and no mask"),
+            "unreadable image": ([*good, *model, "--bg", str(tmp_path / "broken")], "unreadable image"),
+            "model folder without a model": ([*good, "--depth-model", str(tmp_path / "no-model")],
                                              "cannot load depth model"),
-            "model of an unknown type": (["--bg", bg, "--fg", fg, *masks, "--depth-model", str(tmp_path / "bad-config")],
-                                         "no-such-model"),
-            "bad option": (["--bg", bg, "--fg", fg, *masks, *model, "--scale", "0.5", "0.2"], "--scale")}
+            "model of an unknown type": ([*good, "--depth-model", str(tmp_path / "bad-config")], "no-such-model"),
+            "bad option": ([*good, *model, "--scale", "0.5", "0.2"], "--scale")}
 
 
 def test_each_bad_input_is_one_line(photos, depth_model, tmp_path, capfd):
