@@ -186,10 +186,6 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
     backgrounds, foregrounds, read = placement.load_sources(bg_dir, fg_dir, fg_masks)
     zip_bgs = [list(range(first, min(first + bgs_per_zip, len(backgrounds) + 1)))
                for first in range(1, len(backgrounds) + 1, bgs_per_zip)]
-    try:
-        old = _prepare(out)
-    except OSError as error:
-        raise ConvertError(f"cannot write to --out {out}: {error.strerror or error}") from None
     pool = None
     sources = ([image for _, image in backgrounds], foregrounds)
     if workers > 1:
@@ -197,7 +193,8 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
         pool = multiprocessing.get_context("fork").Pool(workers, _set_sources, (sources,))
     _set_sources(sources)
     try:
-        labeller = DepthLabeller(depth_model, device)
+        labeller = DepthLabeller(depth_model, device)  # before anything is written: it may fail
+        old = _prepare(out)
         header = {"version": RECORD_VERSION, "depth": labeller.identity | {"device": labeller.device.type},
                   "options": {"placements": placements, "scale": list(scale), "bgs_per_zip": bgs_per_zip,
                               "batch_size": batch_size, "seed": seed, "size": placement.SIZE},

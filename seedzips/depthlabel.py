@@ -55,13 +55,16 @@ class DepthLabeller:
         if device not in DEVICES:
             raise ConvertError(f"--device {device}: must be one of {', '.join(DEVICES)}")
         try:
+            import huggingface_hub
             import torch
             import transformers
         except ImportError as error:
             raise ConvertError(f"depth labels need torch and transformers ({error}); "
                                "pip install -r requirements.txt") from None
+        # A failure is told in one line below, not by the libraries' warnings and retry notices.
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        huggingface_hub.utils.logging.set_verbosity_error()
         self._torch = torch
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
