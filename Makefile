@@ -15,7 +15,7 @@ DEMO := demo
 # make one, so no test can reach beyond 127.0.0.1 by accident.
 NET_GUARD := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: setup test-servers seed-data shards test bench demo clean
+.PHONY: setup test-servers seed-data compose shards test bench demo clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ test-servers:
 seed-data: setup
 	$(PY) -m seedzips.synthetic --out $(DATASET) --zips 20 --bgs-per-zip 5 --fg 100 --placements 20 --workers $(shell nproc)
 
+# A seed-layout dataset from your own photos in COMPOSED: BG backgrounds, FG cut-outs (PNGs with
+# alpha, or with masks of the same names in FG_MASKS); then `make shards DATASET=$(COMPOSED)`.
+COMPOSED ?= data/own
+compose: setup
+	@test -n "$(BG)" -a -n "$(FG)" || { echo "usage: make compose BG=DIR FG=DIR [FG_MASKS=DIR] [COMPOSED=$(COMPOSED)]" >&2; exit 2; }
+	$(PY) -m seedzips.compose --bg $(BG) --fg $(FG) $(if $(FG_MASKS),--fg-masks $(FG_MASKS)) --out $(COMPOSED)
+
 shards: setup
 	$(PY) convert_zips.py --dataset $(DATASET) --out $(OUT)
 
@@ -48,6 +55,7 @@ bench: setup
 	$(PY) bench/loader.py
 	$(PY) bench/quality.py
 	$(PY) bench/train_speed.py
+	$(PY) bench/compose.py
 
 # Photo-style data (60 backgrounds, 9 held out: the bench/quality.py dataset with another seed).
 demo: setup

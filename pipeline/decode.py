@@ -31,7 +31,7 @@ from pipeline import schema
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 COLORSPACES = {schema.BG: "RGB", schema.BGFG: "RGB", schema.MASK: "GRAY", schema.DEPTH: "GRAY"}
 CHANNELS = {name: 3 if space == "RGB" else 1 for name, space in COLORSPACES.items()}
-MASK_THRESHOLD = 127  # the JPEG mask is only roughly 0/255
+MASK_THRESHOLD = schema.MASK_THRESHOLD
 # libjpeg's DCT-domain reductions with SIMD inverse transforms; its other eighths (3/8, 5/8...)
 # are plain C and measured slower than decoding at the next power of two and resizing.
 REDUCTIONS = (8, 4, 2)

@@ -20,6 +20,8 @@ COMPOSITE_DIR = "bg_fg_1"
 MASK_DIR = "bg_fg_mask_1"
 DEPTH_DIR = "depthMap"
 LABELS = "labels.txt"
+# A mask pixel is the object where its value is above this (the JPEG masks are only roughly 0/255).
+MASK_THRESHOLD = 127
 # Which zip folder feeds which shard member.
 SEED_FOLDERS = {"bgfg": COMPOSITE_DIR, "mask": MASK_DIR, "depth": DEPTH_DIR}
 

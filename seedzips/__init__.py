@@ -5,8 +5,10 @@
     synthetic  a seed-layout dataset made from code (tests, demo, benchmarks), in two styles:
                scenes + surfaces + objects (photo-like: ray-cast scenes, shaded objects on
                the ground) or simple (flat shapes on colour noise); textures holds their noise
-    errors     ConvertError, the one-line problems the converter reports
+    compose    a seed-layout dataset from a user's photos and cut-outs (python -m seedzips.compose):
+               placement reads them and pastes, depthlabel labels depth with a transformers model
+    errors     ConvertError, the one-line problems the converter and the composer report
 
-convert_zips.py is the command line. Nothing here imports torch; the only thing shared with
-the read side (pipeline/) is pipeline.schema, the sample contract.
+convert_zips.py is the command line. Nothing here imports torch but depthlabel, when a labeller
+is made; the only thing shared with the read side (pipeline/) is pipeline.schema, the contract.
 """

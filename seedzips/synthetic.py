@@ -32,6 +32,7 @@ DEPTH_MODES = ("gray", "color", "half", "mixed")
 STYLES = {"photo": (scenes.make_background, objects.make_foreground),
           "simple": (simple.make_background, simple.make_foreground)}
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # zip timestamps, so the same seed gives identical zips
+MEMBER_QUALITY = 60  # JPEG quality of the seed's zip members (composites, masks, depth maps)
 
 
 def _depth_colormap() -> list[int]:
@@ -45,7 +46,7 @@ def _depth_colormap() -> list[int]:
 _COLORMAP = _depth_colormap()
 
 
-def _encode(image: Image.Image, quality: int) -> bytes:
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
@@ -59,7 +60,7 @@ def _depth_image(depth: Image.Image, mode: str) -> Image.Image:
     return depth
 
 
-def _zip_info(name: str) -> zipfile.ZipInfo:
+def zip_info(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, _FIXED_TIME)
     info.create_system = 3  # Unix, as `zip` on Linux records it
     if name.endswith("/"):
@@ -81,7 +82,7 @@ def _write_zip(job: dict) -> None:
     path = os.path.join(job["out"], schema.ZIP_DIR, schema.zip_name(batch))
     with zipfile.ZipFile(path + ".tmp", "w") as archive:
         for folder in (schema.COMPOSITE_DIR, schema.MASK_DIR):
-            archive.writestr(_zip_info(folder + "/"), b"")
+            archive.writestr(zip_info(folder + "/"), b"")
         for bg_id in job["bg_ids"]:
             backdrop = make_background(seed, bg_id, size)
             background, bg_depth = Image.fromarray(backdrop.image), Image.fromarray(backdrop.depth)
@@ -99,19 +100,20 @@ def _write_zip(job: dict) -> None:
                     if mode == "mixed":
                         mode = ("gray", "color", "half")[int(generator.integers(3))]
                     name = key + (".jpg.jpg" if key in faults["double_ext"] else ".jpg")
-                    composite_bytes = _encode(composite, 60)
+                    composite_bytes = encode_jpeg(composite, MEMBER_QUALITY)
                     if key in faults["truncated"]:
                         composite_bytes = composite_bytes[: len(composite_bytes) // 2]
-                    archive.writestr(_zip_info(f"{schema.MASK_DIR}/{name}"), _encode(mask, 60))
-                    archive.writestr(_zip_info(f"{schema.COMPOSITE_DIR}/{name}"), composite_bytes)
+                    archive.writestr(zip_info(f"{schema.MASK_DIR}/{name}"), encode_jpeg(mask, MEMBER_QUALITY))
+                    archive.writestr(zip_info(f"{schema.COMPOSITE_DIR}/{name}"), composite_bytes)
                     labels.append(name)
                     if key not in faults["missing_depth"]:
-                        depth_members.append((f"{schema.DEPTH_DIR}/{name}", _encode(_depth_image(depth, mode), 60)))
+                        depth_bytes = encode_jpeg(_depth_image(depth, mode), MEMBER_QUALITY)
+                        depth_members.append((f"{schema.DEPTH_DIR}/{name}", depth_bytes))
         # The depth maps were added in a later pass, in an order unrelated to the rest.
-        archive.writestr(_zip_info(schema.DEPTH_DIR + "/"), b"")
+        archive.writestr(zip_info(schema.DEPTH_DIR + "/"), b"")
         for index in generator.permutation(len(depth_members)):
-            archive.writestr(_zip_info(depth_members[index][0]), depth_members[index][1])
-        archive.writestr(_zip_info(schema.LABELS), "".join(n + "\n" for n in sorted(labels)))
+            archive.writestr(zip_info(depth_members[index][0]), depth_members[index][1])
+        archive.writestr(zip_info(schema.LABELS), "".join(n + "\n" for n in sorted(labels)))
     os.replace(path + ".tmp", path)
 
 
