@@ -31,6 +31,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 evictions = 0  # files this process evicted (pipeline.cache.counters reads it)
+_warned: set[str] = set()  # folders whose limit this process said was too small
 
 
 def parse_size(text: str) -> int:
@@ -155,7 +156,8 @@ def check_limit(folder: str, limit: int, shards, *, readers: int, warn: bool) ->
     """Before the first batch: PipelineError (one line) when `limit` is below the largest file to
     cache, which could then never be cached; else, when `warn`, one warning if it cannot hold a
     file for each of the `readers` processes of this machine reading at once (each holds one),
-    beside the files under the folder that are not the cache's: what does not fit is read remotely."""
+    beside the files under the folder that are not the cache's: what does not fit is read
+    remotely. Said once per process and folder (train.py's training and validation loaders share one)."""
     sizes = [(record["bytes"], shard.url, kind) for shard in shards
              for kind, record in (("shard", shard.shard), ("index", shard.index))
              if record and "bytes" in record and "sha256" in record]
@@ -167,7 +169,8 @@ def check_limit(folder: str, limit: int, shards, *, readers: int, warn: bool) ->
                             f"({format_size(largest)}): raise it to at least that, or leave it out")
     others = sum(stat.st_size for path, stat in _files(folder) if not is_own(folder, path))
     needed = readers * largest + others
-    if warn and limit < needed:
+    if warn and limit < needed and folder not in _warned:
+        _warned.add(folder)
         log.warning("cache_limit %s cannot hold the %d files read at once on this machine (one per worker "
                     "of each rank) of up to %s each%s: that needs %s; those that do not fit are read remotely",
                     format_size(limit), readers, format_size(largest),

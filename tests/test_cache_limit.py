@@ -3,9 +3,7 @@ share it, nothing removed while open, nothing deleted that the cache did not mak
 small said before the first batch, real SIGKILLs mid-download and mid-eviction survived; and
 each index read once per process."""
 
-import collections
 import contextlib
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -14,14 +12,13 @@ import json
 import multiprocessing
 import os
 import re
-import select
-import struct
 import subprocess
 import sys
 import threading
 
 import pytest
-import counting  # tests/counting.py: pytest puts this folder on the path
+import counting  # tests/counting.py, tests/folderwatch.py: pytest puts this folder on the path
+from folderwatch import FolderWatch
 
 import convert_zips
 import train
@@ -111,72 +108,6 @@ def test_eviction_skips_what_a_reader_holds_and_what_the_user_put_there(tmp_path
 
 
 # --- ranks and workers sharing a bounded folder ----------------------------------------------
-_LIBC = ctypes.CDLL(None, use_errno=True)
-# linux/inotify.h
-IN_OPEN, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE, IN_DELETE = 0x20, 0x08, 0x10, 0x200
-IN_MOVED_FROM, IN_MOVED_TO, IN_Q_OVERFLOW, IN_CLOEXEC = 0x40, 0x80, 0x4000, 0o2000000
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
-
-
-class _Watch:
-    """What happens in a folder, seen from outside the processes using it: every 50 ms its
-    bytes (`sizes`), and from inotify's events (opens, closes, renames, deletes, in the order
-    the kernel saw them, for every process) each file removed while a process held it open
-    (`removed_while_open`). `looks` counts the looks taken, shared with forked processes."""
-
-    def __init__(self, folder, context):
-        self.folder, self.sizes, self.removed_while_open, self.overflowed = str(folder), [], [], False
-        self.looks = context.Value("q", 0, lock=False)
-        os.makedirs(self.folder, exist_ok=True)
-        self.fd = _LIBC.inotify_init1(IN_CLOEXEC)
-        mask = IN_OPEN | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
-        assert self.fd >= 0 and _LIBC.inotify_add_watch(self.fd, self.folder.encode(), mask) >= 0, ctypes.get_errno()
-        self.open_count, self.moving = collections.Counter(), {}
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _events(self, data: bytes):
-        at = 0
-        while at < len(data):
-            _, mask, cookie, size = _EVENT.unpack_from(data, at)
-            name = data[at + _EVENT.size:at + _EVENT.size + size].rstrip(b"\0").decode()
-            at += _EVENT.size + size
-            yield mask, cookie, name
-
-    def _take(self, data: bytes) -> None:
-        for mask, cookie, name in self._events(data):
-            if mask & IN_Q_OVERFLOW:
-                self.overflowed = True
-            elif mask & IN_OPEN:
-                self.open_count[name] += 1
-            elif mask & (IN_CLOSE_WRITE | IN_CLOSE_NOWRITE):
-                self.open_count[name] -= 1
-            elif mask & IN_MOVED_FROM:
-                self.moving[cookie] = self.open_count.pop(name, 0)
-            elif mask & IN_MOVED_TO:
-                self.open_count[name] = self.moving.pop(cookie, 0)
-            elif mask & IN_DELETE and self.open_count[name] > 0:
-                self.removed_while_open.append(name)
-
-    def _run(self):
-        while not self.done.is_set():
-            if select.select([self.fd], [], [], 0.05)[0]:
-                self._take(os.read(self.fd, 1 << 20))
-            self.sizes.append(cachelimit.bytes_under(self.folder))
-            self.looks.value += 1
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self.done.set()
-        self.thread.join()
-        while select.select([self.fd], [], [], 0)[0]:  # what happened up to the end
-            self._take(os.read(self.fd, 1 << 20))
-        os.close(self.fd)
-
-
 def _rank(rank, url, cache_dir, limit, looks, out):
     """Two epochs of one rank; each batch is kept until the watch has looked at the folder, so
     that the workers, their batches ahead all made, hold their copies across several looks.
@@ -205,7 +136,7 @@ def test_two_ranks_x_two_workers_share_a_folder_of_one_and_a_half_shards(shards,
     limit = _largest(shards) * 3 // 2
     context = multiprocessing.get_context("fork")
     out = context.Queue()
-    with counting.http_server(shards) as server, _Watch(cache_dir, context) as watch:
+    with counting.http_server(shards) as server, FolderWatch(cache_dir, context) as watch:
         ranks = [context.Process(target=_rank, args=(rank, f"{server.url}/batch-{{1..3}}.tar", str(cache_dir),
                                                      limit, watch.looks, out)) for rank in (0, 1)]
         for process in ranks:
