@@ -7,8 +7,8 @@ a new name instead of a stale hit. The first process to need a file takes an exc
 size, replacing whatever a killed process left there), checks size and sha256 once, and
 publishes it with schema.replace_durably; processes needing it meanwhile wait on the lock,
 then read the copy. So a file is downloaded once per machine, never written by two
-processes, and never read half-written. A process reading a copy holds a shared `flock` on
-it for as long as it reads, which is what keeps it from eviction when the folder has a
+processes, and never read half-written. A process reading a copy holds `{file}.lock` shared
+for as long as it reads, which is what keeps the copy from eviction when the folder has a
 `limit` (pipeline.cachelimit: the bytes under it never exceed the limit, downloads counted).
 A file the manifest does not describe (no sha256 to check) is not cached, and a cache that
 cannot be written (disk full) falls back to remote reads: both with one warning; so does a
@@ -69,31 +69,37 @@ def _describes(expected: dict | None) -> bool:
     return bool(expected) and "sha256" in expected and "bytes" in expected
 
 
-def _hold(path: str, size: int) -> int | None:
-    """A descriptor of the copy at `path` holding a shared flock (no process evicts it while
-    that is open), or None when there is no whole copy there."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    stat = os.fstat(fd)
-    if stat.st_nlink == 0 or stat.st_size != size:  # evicted between the open and the lock
-        os.close(fd)
-        return None
+def _shared(lock: int, final: str, size: int) -> bool:
+    """Hold `final`'s entry `lock` shared (no process evicts the copy while it is held; waits
+    for a download or an eviction of it under way) and say whether a whole copy is there."""
+    fcntl.flock(lock, fcntl.LOCK_SH)  # released by the kernel if this process dies
+    if not _whole(final, size):
+        return False
     with contextlib.suppress(OSError):  # a folder shared read-only: the copy is still good to read
-        os.utime(path)  # its last use, which eviction goes by
-    return fd
+        os.utime(final)  # its last use, which eviction goes by
+    return True
+
+
+def _whole(final: str, size: int) -> bool:
+    try:
+        return os.path.getsize(final) == size
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
 def lookup(cache_dir: str, name: str, expected: dict | None):
     """The cached copy of file `name` described by `expected` ({"bytes", "sha256"}), held until
     the with block ends; None when there is none."""
-    held = _hold(os.path.join(cache_dir, cached_name(name, expected)), expected["bytes"]) \
-        if _describes(expected) else None
+    final = os.path.join(cache_dir, cached_name(name, expected)) if _describes(expected) else None
+    held = None
+    if final is not None and os.path.exists(final):
+        held = os.open(final + ENTRY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _shared(held, final, expected["bytes"]):
+            os.close(held)
+            held = None
     try:
-        yield None if held is None else os.path.join(cache_dir, cached_name(name, expected))
+        yield None if held is None else final
     finally:
         if held is not None:
             os.close(held)
@@ -112,8 +118,8 @@ def _download(url: str, out, size: int, storage_options, retries: int, retry_wai
 
 
 def _publish(cache_dir: str, url: str, final: str, expected: dict, storage_options, limit: int | None,
-             retries: int, retry_wait: float) -> int | None:
-    """Download `url` to `final` (its entry lock held) and hold it; None when it is not cached."""
+             retries: int, retry_wait: float) -> bool:
+    """Download `url` to `final` (its entry lock held exclusively); False when it is not cached."""
     part = final + PART
     size = expected["bytes"]
     try:
@@ -121,18 +127,18 @@ def _publish(cache_dir: str, url: str, final: str, expected: dict, storage_optio
         if fd is None:  # the folder's other files are all in use: do not wait for them
             log.info("%s: read remotely: cache_limit %s has no room for its %s (%s needed now)", url,
                      format_size(limit), format_size(size), format_size(needed))
-            return None
+            return False
         with open(fd, "wb") as out:
             written, sha256 = _download(url, out, size, storage_options, retries, retry_wait)
         if (written, sha256) != (size, expected["sha256"]):
             _give_up(url, f"not cached: {written} bytes with sha256 {sha256[:12]}..., the manifest "
                           f"says {size} bytes, {expected['sha256'][:12]}...")
-            return None
+            return False
         schema.replace_durably(part, final)
-        return _hold(final, size)  # before the entry lock is released: no eviction in between
+        return True
     except OSError as error:  # the cache's disk (full, read-only): reading remotely still works
         _give_up(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
-        return None
+        return False
     finally:
         if os.path.exists(part):
             os.remove(part)
@@ -140,10 +146,8 @@ def _publish(cache_dir: str, url: str, final: str, expected: dict, storage_optio
 
 def _obtain(cache_dir: str, url: str, final: str, expected: dict, storage_options, limit: int | None,
             retries: int, retry_wait: float) -> int | None:
-    """A held copy of `url` at `final`, downloaded first when no process has yet, or None."""
-    if (held := _hold(final, expected["bytes"])) is not None:
-        _counts["hits"] += 1
-        return held
+    """`final`'s entry lock, held shared over a whole copy of `url` there, downloaded first when
+    no process has yet; None when it is read remotely."""
     if url in _uncacheable:
         _counts["misses"] += 1
         return None
@@ -153,15 +157,26 @@ def _obtain(cache_dir: str, url: str, final: str, expected: dict, storage_option
         _give_up(url, f"not cached: cannot write to {cache_dir} ({error.strerror or error})")
         _counts["misses"] += 1
         return None
+    # flock changes a lock's kind by dropping it first, so a copy published under the exclusive
+    # lock may be evicted before the shared one is had: then it is downloaded once more.
+    downloaded = False
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
-        if (held := _hold(final, expected["bytes"])) is not None:
-            _counts["hits"] += 1  # another process published it while this one waited
-            return held
-        _counts["misses"] += 1
-        return _publish(cache_dir, url, final, expected, storage_options, limit, retries, retry_wait)
-    finally:
-        os.close(lock)  # closing the descriptor releases the lock
+        for _ in range(3):
+            if _shared(lock, final, expected["bytes"]):
+                _counts["hits"] += not downloaded
+                return lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _whole(final, expected["bytes"]):
+                continue  # another process published it in between: read it
+            _counts["misses"] += 1
+            if not _publish(cache_dir, url, final, expected, storage_options, limit, retries, retry_wait):
+                break
+            downloaded = True
+    except BaseException:
+        os.close(lock)
+        raise
+    os.close(lock)  # closing the descriptor releases the lock
+    return None
 
 
 @contextlib.contextmanager

@@ -7,10 +7,9 @@ step, under an exclusive `flock` on the folder's `.pipeline-cache.lock`, so the 
 ranks sharing the folder never overshoot together. Room comes from evicting the cache's own
 files, least recently used first (pipeline.cache touches a copy's mtime each time it is
 used): first `.part` files that no download holds any more (left by a killed process), then
-copies that no process holds. A copy is evicted only under a non-blocking exclusive `flock` on
-its `.lock` (no process downloading or publishing it) and on the copy itself (no process
-reading it: readers hold a shared one), so nothing is removed while open, and one unlink
-removes it whole. The cache's own files are `{sha256}-{name}` (64 hex digits) with a `.lock`
+copies that no process holds. A file is evicted only under a non-blocking exclusive `flock` on
+its entry's `.lock`, which readers hold shared for as long as they read and a download holds
+exclusive: so nothing is removed while open or being written, and one unlink removes it whole. The cache's own files are `{sha256}-{name}` (64 hex digits) with a `.lock`
 beside them; nothing else is ever deleted. When no room can be made, nothing waits: the file
 is read remotely.
 """
@@ -32,6 +31,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 evictions = 0  # files this process evicted (pipeline.cache.counters reads it)
+_warned: set[str] = set()  # folders whose limit this process said was too small
 
 
 def parse_size(text: str) -> int:
@@ -76,36 +76,19 @@ def is_own(folder: str, path: str) -> bool:
             and os.path.exists(os.path.join(folder, copy + ENTRY_LOCK)))
 
 
-def _try_lock(path: str, mode: int) -> int | None:
-    """A descriptor of `path` holding a non-blocking exclusive flock, or None when a process holds one."""
-    try:
-        fd = os.open(path, mode)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
-
-
 def _evict(path: str) -> bool:
-    """Remove the cache's file `path` (a copy or a `.part`) unless a process holds it."""
-    copy = path.removesuffix(PART)
-    entry = _try_lock(copy + ENTRY_LOCK, os.O_RDWR)
-    if entry is None:
-        return False  # being downloaded or published
+    """Remove the cache's file `path` (a copy or a `.part`) unless a process holds its entry
+    lock: shared by readers, exclusive by a download."""
     try:
-        held = entry if path.endswith(PART) else _try_lock(path, os.O_RDONLY)
-        if held is None:
-            return False  # being read
-        try:
-            os.unlink(path)
-            return True
-        finally:
-            if held != entry:
-                os.close(held)
+        entry = os.open(path.removesuffix(PART) + ENTRY_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+        return True
+    except BlockingIOError:
+        return False  # being read, downloaded or published
     finally:
         os.close(entry)
 
@@ -173,19 +156,21 @@ def check_limit(folder: str, limit: int, shards, *, readers: int, warn: bool) ->
     """Before the first batch: PipelineError (one line) when `limit` is below the largest file to
     cache, which could then never be cached; else, when `warn`, one warning if it cannot hold a
     file for each of the `readers` processes of this machine reading at once (each holds one),
-    beside the files under the folder that are not the cache's: what does not fit is read remotely."""
+    beside the files under the folder that are not the cache's: what does not fit is read
+    remotely. Said once per process and folder (train.py's training and validation loaders share one)."""
     sizes = [(record["bytes"], shard.url, kind) for shard in shards
              for kind, record in (("shard", shard.shard), ("index", shard.index))
              if record and "bytes" in record and "sha256" in record]
     if not sizes:
         return
-    largest, url, kind = max(sizes)
+    largest, url, kind = max(sizes, key=lambda size: size[0])  # the first of the largest
     if limit < largest:
         raise PipelineError(f"cache_limit {format_size(limit)} is below the largest {kind} to cache, {url} "
                             f"({format_size(largest)}): raise it to at least that, or leave it out")
     others = sum(stat.st_size for path, stat in _files(folder) if not is_own(folder, path))
     needed = readers * largest + others
-    if warn and limit < needed:
+    if warn and limit < needed and folder not in _warned:
+        _warned.add(folder)
         log.warning("cache_limit %s cannot hold the %d files read at once on this machine (one per worker "
                     "of each rank) of up to %s each%s: that needs %s; those that do not fit are read remotely",
                     format_size(limit), readers, format_size(largest),
