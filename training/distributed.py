@@ -3,7 +3,8 @@
 The few numbers the ranks agree on as they go (a stop flag every step, log sums, skip counts)
 are host numbers and travel over gloo, also on GPUs: an NCCL all-reduce of them would make
 the host wait for the GPU to finish the step's queued work before it could read the answer,
-once per step.
+once per step. The per-step one (the stop vote) is moreover agreed a step late (all_max_a_step_late),
+so that no rank waits for the others at every step.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ from . import UserError
 from .options import uses_cuda
 
 _host_group = None  # the gloo group of all ranks for host numbers (None: the default group is gloo)
+_vote = None  # (work, tensor) of the all-reduce all_max_a_step_late started last, not waited for yet
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,12 @@ def configure_process(device: torch.device) -> None:
 
 
 def teardown() -> None:
-    global _host_group
+    global _host_group, _vote
     if dist.is_initialized():
+        if _vote is not None:  # every rank started it at the same call: it completes
+            _vote[0].wait()
         dist.destroy_process_group()
-    _host_group = None
+    _host_group = _vote = None
 
 
 def _all_reduce(values: list[float], op) -> list[float]:
@@ -94,6 +98,30 @@ def all_sum(values: list[float]) -> list[float]:
 def all_max(values: list[float]) -> list[float]:
     """The largest of each of a few host numbers over all ranks (identity without a process group)."""
     return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def all_max_a_step_late(values: list[float]) -> list[float]:
+    """all_max of the `values` this rank passed at its previous call (zeros at its first), while
+    this call's all-reduce goes on in the background until the next call waits for it.
+
+    A blocking all-reduce is a host barrier: every rank waits for the slowest one, and across
+    nodes for O(ranks) TCP latency, once per step. This one overlaps a whole step, so a rank
+    waits only for a peer that is more than a step behind. Every rank calls it once per step
+    (the same number of calls, in the same order among the other collectives), so every rank
+    gets the same answer at the same call: they still act on a vote together, a step after it
+    was cast. Without a process group there is nothing to agree on: `values` come back at once.
+    """
+    global _vote
+    if not dist.is_initialized():
+        return [float(value) for value in values]
+    agreed = [0.0] * len(values)
+    if _vote is not None:
+        work, tensor = _vote
+        work.wait()
+        agreed = tensor.tolist()
+    tensor = torch.tensor(values, dtype=torch.float64)
+    _vote = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group, async_op=True), tensor)
+    return agreed
 
 
 @contextlib.contextmanager
