@@ -74,12 +74,11 @@ def configure_process(device: torch.device) -> None:
 
 
 def teardown() -> None:
-    global _host_group, _vote
+    global _host_group
     if dist.is_initialized():
-        if _vote is not None:  # every rank started it at the same call: it completes
-            _vote[0].wait()
+        finish_vote()
         dist.destroy_process_group()
-    _host_group = _vote = None
+    _host_group = None
 
 
 def _all_reduce(values: list[float], op) -> list[float]:
@@ -122,6 +121,15 @@ def all_max_a_step_late(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     _vote = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group, async_op=True), tensor)
     return agreed
+
+
+def finish_vote() -> None:
+    """Wait for the all-reduce all_max_a_step_late left in flight (every rank started it at the
+    same call, so it completes); the next call starts afresh, as the first one did."""
+    global _vote
+    if _vote is not None:
+        _vote[0].wait()
+    _vote = None
 
 
 @contextlib.contextmanager
