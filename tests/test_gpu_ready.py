@@ -164,3 +164,27 @@ def test_a_config_trains_and_validates_in_a_dev_shm_just_larger_than_the_check_a
     assert checkpoint_step(out / "last.pt") == 2
     kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("val") == 2 and "baseline" in kinds
+
+
+def test_the_gpu_script_runs_every_part_tiny_on_the_cpu_and_stops_at_once_without_a_gpu():
+    script = [sys.executable, str(ROOT / "bench" / "gpu.py")]
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # as on a machine without one, also on one with
+    refused = subprocess.run(script, capture_output=True, text=True, timeout=120, cwd=ROOT, env=hidden)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("bench/gpu.py: error: no CUDA GPU visible") and len(refused.stderr.splitlines()) == 1
+
+    done = subprocess.run([*script, "--device", "cpu", "--workers", "2"], capture_output=True, text=True,
+                          timeout=540, cwd=ROOT, env=hidden)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = done.stdout.splitlines()
+    report = json.loads(line)
+    model = report["model_only"]
+    assert all(model[f"{name}_samples_per_s"] > 0 for name in ("benchmark_off", "benchmark_on", "compile")), model
+    assert model["preflight_estimate_gib"] > 0
+    run = report["pipeline"]["2"]
+    assert run["windows"] == 1 and run["samples_per_s"] > 0 and 0 <= run["data_wait"] < 1, run
+    assert run["loader_decode_ms"] > 0
+    assert report["sigterm_resume"] == {"status": 143, "stopped_at": report["sigterm_resume"]["stopped_at"],
+                                        "resumed_to": report["sigterm_resume"]["stopped_at"] + 2, "ok": True}
+    group = report["nccl_group"]
+    assert group["ok"] and group["backend"] == "gloo" and len(group["ddp_losses"]) == 2, group

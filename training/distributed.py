@@ -46,16 +46,24 @@ def setup(device_choice: str) -> Context:
         ctx = Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     else:
         local_rank = int(os.environ["LOCAL_RANK"])
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            global _host_group
-            _host_group = dist.new_group(backend="gloo")
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        join_group(device)
         ctx = Context(dist.get_rank(), dist.get_world_size(), device)
     configure_process(ctx.device)
     return ctx
+
+
+def join_group(device: torch.device) -> None:
+    """Join the process group torchrun's variables describe: NCCL with a gloo group beside it for
+    the host numbers on a GPU, gloo alone on the CPU. (setup calls it for WORLD_SIZE > 1 only;
+    bench/gpu.py builds a 1-GPU group with it.)"""
+    global _host_group
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+        _host_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
 
 
 def configure_process(device: torch.device) -> None:
