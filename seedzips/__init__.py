@@ -6,7 +6,8 @@
                scenes + surfaces + objects (photo-like: ray-cast scenes, shaded objects on
                the ground) or simple (flat shapes on colour noise); textures holds their noise
     compose    a seed-layout dataset from a user's photos and cut-outs (python -m seedzips.compose):
-               placement reads them and pastes, depthlabel labels depth with a transformers model
+               placement reads them and pastes, depthlabel labels depth with a transformers model,
+               composezip composes in worker processes and writes the zips
     errors     ConvertError, the one-line problems the converter and the composer report
 
 convert_zips.py is the command line. Nothing here imports torch but depthlabel, when a labeller

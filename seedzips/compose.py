@@ -19,83 +19,30 @@ same inputs and options keeps the zips done and makes the same bytes as one unin
 
 import argparse
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
-import zipfile
-from collections import deque
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import schema
 from pipeline.schema import TEMPORARY
 from seedzips import placement
+from seedzips.composezip import PLACEMENTS_NAME  # noqa: F401 (the name of a zip member, told to users)
+from seedzips.composezip import ordered, set_sources, sha256_of, write_sources, write_zip, zip_samples
 from seedzips.depthlabel import DEFAULT_MODEL, DEVICES, DepthLabeller
 from seedzips.errors import ConvertError
-from seedzips.synthetic import MEMBER_QUALITY, encode_jpeg, zip_info
 
 RECORD = "compose.json"
 RECORD_VERSION = 1
-SOURCE_QUALITY = {schema.BG_DIR: 75, schema.FG_DIR: 90, schema.FG_MASK_DIR: 90}  # as the synthetic generator's
-PLACEMENTS_NAME = "placements.json"
 _FOLDERS = (schema.BG_DIR, schema.FG_DIR, schema.FG_MASK_DIR, schema.ZIP_DIR)
-_SOURCES = None  # (background arrays, Foregrounds) in each composing process
-
-
-def _set_sources(sources) -> None:
-    global _SOURCES
-    _SOURCES = sources
-
-
-def _compose_chunk(chunk: list) -> list:
-    """[(composite array, composite JPEG, mask JPEG)] of [(key, bg_id, fg_id, Placement)]."""
-    backgrounds, foregrounds = _SOURCES
-    out = []
-    for _, bg_id, fg_id, where in chunk:
-        composite, mask = placement.paste(backgrounds[bg_id - 1], foregrounds[fg_id - 1].rgba, where)
-        out.append((composite, encode_jpeg(Image.fromarray(composite), MEMBER_QUALITY),
-                    encode_jpeg(Image.fromarray(mask), MEMBER_QUALITY)))
-    return out
-
-
-def _ordered(pool, chunks, window: int):
-    """_compose_chunk of each chunk, in order, with at most `window` chunks composed ahead."""
-    if pool is None:
-        yield from map(_compose_chunk, chunks)
-        return
-    pending = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_compose_chunk, (chunk,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _samples(bg_ids, foregrounds, placements: int, scale, seed: int) -> list:
-    """[(key, bg_id, fg_id, Placement)] of one zip, in key order of background, foreground, draw."""
-    samples = []
-    for bg_id in bg_ids:
-        for fg_id, fg in enumerate(foregrounds, 1):
-            draws = placement.draw_placements(seed, bg_id, fg_id, placements, fg.rgba.shape[:2], scale)
-            for p, where in enumerate(draws, 1):
-                samples.append((schema.seed_key(bg_id, (fg_id - 1) * placements + p), bg_id, fg_id, where))
-    return samples
 
 
 def _file_record(option: str, path: str) -> dict:
     with open(path, "rb") as f:
         return {"option": option, "name": os.path.basename(path), **schema.file_record(f.read())}
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_record(out: str, record: dict) -> None:
@@ -143,24 +90,9 @@ def _reusable(out: str, old: dict | None, header: dict) -> dict:
     for name, entry in old["zips"].items():
         path = os.path.join(out, schema.ZIP_DIR, os.path.basename(name))
         if isinstance(entry, dict) and os.path.isfile(path) and os.path.getsize(path) == entry.get("bytes") \
-                and _sha256(path) == entry.get("sha256"):
+                and sha256_of(path) == entry.get("sha256"):
             done[name] = {"bytes": entry["bytes"], "sha256": entry["sha256"]}
     return done
-
-
-def _write_sources(out: str, backgrounds: list, foregrounds: list) -> None:
-    """bg/, fg/ and mask/: the 224x224 backgrounds, each cut-out on black and its binary mask."""
-    for bg_id, (_, image) in enumerate(backgrounds, 1):
-        _write_jpeg(out, schema.BG_DIR, schema.bg_name(bg_id), image)
-    for fg_id, fg in enumerate(foregrounds, 1):
-        alpha = fg.rgba[..., 3:].astype(np.float32) / 255
-        _write_jpeg(out, schema.FG_DIR, schema.fg_name(fg_id), np.rint(fg.rgba[..., :3] * alpha).astype(np.uint8))
-        mask = np.where(fg.rgba[..., 3] > schema.MASK_THRESHOLD, 255, 0).astype(np.uint8)
-        _write_jpeg(out, schema.FG_MASK_DIR, schema.fg_mask_name(fg_id), mask)
-
-
-def _write_jpeg(out: str, folder: str, name: str, image: np.ndarray) -> None:
-    schema.write_durably(os.path.join(out, folder, name), encode_jpeg(Image.fromarray(image), SOURCE_QUALITY[folder]))
 
 
 def _check_options(placements, scale, bgs_per_zip, batch_size, workers, seed) -> None:
@@ -190,8 +122,8 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
     sources = ([image for _, image in backgrounds], foregrounds)
     if workers > 1:
         # Forked before torch is imported: a child of a process running torch's threads may hang.
-        pool = multiprocessing.get_context("fork").Pool(workers, _set_sources, (sources,))
-    _set_sources(sources)
+        pool = multiprocessing.get_context("fork").Pool(workers, set_sources, (sources,))
+    set_sources(sources)
     try:
         labeller = DepthLabeller(depth_model, device)  # before anything is written: it may fail
         old = _prepare(out)
@@ -200,16 +132,16 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
                               "batch_size": batch_size, "seed": seed, "size": placement.SIZE},
                   "inputs": [_file_record(option, path) for option, path in read]}
         entries = _reusable(out, old, header)
-        _write_sources(out, backgrounds, foregrounds)
+        write_sources(out, backgrounds, foregrounds)
         names = [schema.zip_name(b) for b in range(1, len(zip_bgs) + 1)]
         _write_record(out, {**header, "zips": entries, "complete": False})
-        todo = [(name, _samples(bgs, foregrounds, placements, scale, seed))
+        todo = [(name, zip_samples(bgs, foregrounds, placements, scale, seed))
                 for name, bgs in zip(names, zip_bgs) if name not in entries]
         chunks = [samples[i:i + batch_size] for _, samples in todo for i in range(0, len(samples), batch_size)]
-        results = _ordered(pool, chunks, 2 * workers)
+        results = ordered(pool, chunks, 2 * workers)
         with tqdm(total=sum(len(s) for _, s in todo), unit="sample", desc="composing", disable=not progress) as bar:
             for name, samples in todo:
-                entries[name] = _write_zip(os.path.join(out, schema.ZIP_DIR, name), samples, results,
+                entries[name] = write_zip(os.path.join(out, schema.ZIP_DIR, name), samples, results,
                                            labeller, batch_size, foregrounds, bar)
                 _write_record(out, {**header, "zips": entries, "complete": False})
         record = {**header, "zips": entries, "complete": True}
@@ -228,33 +160,6 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
         print(f"{made} samples in {len(todo)} zips ({len(names) - len(todo)} already done), "
               f"{time.monotonic() - started:.1f} s -> {out}")
     return record
-
-
-def _write_zip(path: str, samples: list, results, labeller, batch_size: int, foregrounds, bar) -> dict:
-    """Write one zip from the composed chunks of its samples; return its record entry."""
-    labels, placed = [], {}
-    with zipfile.ZipFile(path + TEMPORARY, "w") as archive:
-        for folder in (schema.COMPOSITE_DIR, schema.MASK_DIR, schema.DEPTH_DIR):
-            archive.writestr(zip_info(folder + "/"), b"")
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            composed = next(results)
-            depths = labeller([composite for composite, _, _ in composed])
-            for (key, bg_id, fg_id, where), (_, composite, mask), depth in zip(chunk, composed, depths):
-                name = key + ".jpg"
-                archive.writestr(zip_info(f"{schema.COMPOSITE_DIR}/{name}"), composite)
-                archive.writestr(zip_info(f"{schema.MASK_DIR}/{name}"), mask)
-                archive.writestr(zip_info(f"{schema.DEPTH_DIR}/{name}"),
-                                 encode_jpeg(Image.fromarray(depth), MEMBER_QUALITY))
-                labels.append(name)
-                fg = foregrounds[fg_id - 1]
-                placed[key] = {"bg": bg_id, "fg": fg_id, "source": fg.name, "mirrored": fg.mirrored,
-                               "box": list(where)}
-            bar.update(len(chunk))
-        archive.writestr(zip_info(PLACEMENTS_NAME), json.dumps(placed, sort_keys=True, separators=(",", ":")))
-        archive.writestr(zip_info(schema.LABELS), "".join(n + "\n" for n in sorted(labels)))
-    schema.replace_durably(path + TEMPORARY, path)
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
 def main(argv=None) -> int:
