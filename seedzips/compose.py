@@ -31,9 +31,10 @@ from pipeline import schema
 from pipeline.schema import TEMPORARY
 from seedzips import placement
 from seedzips.composezip import PLACEMENTS_NAME  # noqa: F401 (the name of a zip member, told to users)
-from seedzips.composezip import ordered, set_sources, sha256_of, write_sources, write_zip, zip_samples
+from seedzips.composezip import ordered, set_sources, write_sources, write_zip, zip_samples
 from seedzips.depthlabel import DEFAULT_MODEL, DEVICES, DepthLabeller
 from seedzips.errors import ConvertError
+from seedzips.storage import sha256_of
 
 RECORD = "compose.json"
 RECORD_VERSION = 1

@@ -6,7 +6,6 @@ placements.json (where each sample's cut-out went) and labels.txt; it appears un
 name only when complete.
 """
 
-import hashlib
 import json
 import os
 import zipfile
@@ -18,6 +17,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.schema import TEMPORARY
 from seedzips import placement
+from seedzips.storage import sha256_of
 from seedzips.synthetic import MEMBER_QUALITY, encode_jpeg, zip_info
 
 SOURCE_QUALITY = {schema.BG_DIR: 75, schema.FG_DIR: 90, schema.FG_MASK_DIR: 90}  # as the synthetic generator's
@@ -76,11 +76,6 @@ def write_sources(out: str, backgrounds: list, foregrounds: list) -> None:
         _write_jpeg(out, schema.FG_DIR, schema.fg_name(fg_id), np.rint(fg.rgba[..., :3] * alpha).astype(np.uint8))
         mask = np.where(fg.rgba[..., 3] > schema.MASK_THRESHOLD, 255, 0).astype(np.uint8)
         _write_jpeg(out, schema.FG_MASK_DIR, schema.fg_mask_name(fg_id), mask)
-
-
-def sha256_of(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_jpeg(out: str, folder: str, name: str, image: np.ndarray) -> None:
