@@ -1,5 +1,7 @@
 """The write side: seed-layout zips in, WebDataset tar shards out.
 
+    convert    the converter (convert_zips.py is its command line): plan, resume, manifest
+    storage    where it reads and writes: local folders or fsspec URLs (uploads, ranged reads)
     index      read each zip's central directory and pair composite, mask and depth by key
     tarwriter  deterministic ustar shards, written by several processes at once
     synthetic  a seed-layout dataset made from code (tests, demo, benchmarks), in two styles:
