@@ -141,9 +141,9 @@ def convert(dataset, out, *, shards=None, val_fraction=0.05, val_shards=None, se
         target.prepare()
         entries = _reusable(target, header)
         todo = [(name, samples) for name, samples in todo if name not in entries]
+        target.write_progress(_manifest(header, plan, entries, index.skipped, False))
         if todo:
             target.withdraw_manifest()
-        target.write_progress(_manifest(header, plan, entries, index.skipped, False))
         zip_paths, bg_dir = source.local_copies(index.zips) if todo else ([], "")
         bar = tqdm(total=sum(len(samples) for _, samples in todo), unit="sample", desc="converting",
                    leave=False, disable=not progress)

@@ -50,7 +50,8 @@ def join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *names])
 
 
-def _staging(url: str, kind: str) -> str:
+def staging_folder(url: str, kind: str) -> str:
+    """The local folder in TMPDIR where the work for `url` is staged: named after it, so a re-run finds it."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"seedzips-{kind}-{digest}")
 
@@ -95,7 +96,7 @@ class Source:
         a remote dataset's are downloaded unless an earlier run left them complete."""
         if self.local:
             return [path for _, path, _ in zips], os.path.join(self.url, schema.BG_DIR)
-        staging = _staging(self.url, "dataset")
+        staging = staging_folder(self.url, "dataset")
         copies = []
         for folder, files in ((schema.ZIP_DIR, [(name, size) for name, _, size in zips]),
                               (schema.BG_DIR, sorted((self.sizes(schema.BG_DIR) or {}).items()))):
@@ -117,7 +118,7 @@ class Source:
             except OSError as error:
                 raise ConvertError(f"cannot read {remote}: {error.strerror or error}") from None
             if os.path.getsize(temporary) != size:
-                raise ConvertError(f"{join(self.url, os.path.relpath(path, _staging(self.url, 'dataset')))} "
+                raise ConvertError(f"{join(self.url, os.path.relpath(path, staging_folder(self.url, 'dataset')))} "
                                    "changed size during the conversion")
             os.replace(temporary, path)
         finally:
@@ -127,7 +128,7 @@ class Source:
     def done(self) -> None:
         """The conversion is complete: a remote dataset's local copies are no longer needed."""
         if not self.local:
-            shutil.rmtree(_staging(self.url, "dataset"), ignore_errors=True)
+            shutil.rmtree(staging_folder(self.url, "dataset"), ignore_errors=True)
 
 
 class Target:
@@ -141,7 +142,7 @@ class Target:
             self.staging = self.url
         else:
             self.fs, self.path = clients.client(out, storage_options)
-            self.staging = _staging(self.url, "shards")
+            self.staging = staging_folder(self.url, "shards")
 
     def prepare(self) -> None:
         """Make the folders; delete the shards an interrupted run left half-written locally."""

@@ -51,7 +51,7 @@ def test_conversion_to_s3_is_the_local_one_and_trains_by_range(s3, seed_dataset,
     assert convert_zips.main(_convert_args(seed_dataset[0], URL, server.url, shard_options)) == 0
     assert URL in capsys.readouterr().out
     assert_same_folders(shard_dir, root / BUCKET / PREFIX)  # no progress record, no temporary left
-    assert not os.path.exists(storage._staging(URL, "shards"))
+    assert not os.path.exists(storage.staging_folder(URL, "shards"))
     run = tmp_path / "run"
     with counting.proxy(server.url) as (proxy, sent):
         status = train.main(["--shards", f"{URL}/batch-{{1..2}}.tar", "--out", str(run), *TINY, "--steps", "3",
@@ -135,4 +135,4 @@ def test_a_remote_dataset_is_indexed_by_range_and_downloaded_once(s3, larger_dat
     # What the first run read beyond what the second did is the download: each file once.
     assert inputs <= first - second <= 1.1 * inputs, (first, second, inputs)
     assert second <= 0.25 * zips, (second, zips)
-    assert not os.path.exists(storage._staging(dataset, "dataset"))
+    assert not os.path.exists(storage.staging_folder(dataset, "dataset"))
