@@ -122,8 +122,8 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
         ranks.close()
     if progress:
         made = sum(len(s) for _, s in todo)
-        mine = f" ({', '.join(written)})" if ranks.world > 1 else ""
-        print(f"{ranks.label.strip()}{': ' if ranks.label else ''}{made} samples in {len(todo)} zips{mine} "
+        rank, mine = (f"rank {ranks.rank}/{ranks.world}: ", f" ({', '.join(written)})") if ranks.world > 1 else ("", "")
+        print(f"{rank}{made} samples in {len(todo)} zips{mine} "
               f"({len(names) - len(todo)} already done), {time.monotonic() - started:.1f} s -> {out}")
     return record
 
