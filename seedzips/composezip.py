@@ -26,12 +26,12 @@ _SOURCES = None  # (background arrays, Foregrounds) in each composing process
 
 
 def set_sources(sources) -> None:
-    """Give this process the pictures _compose_chunk pastes (a pool's initializer)."""
+    """Give this process the pictures compose_chunk pastes (a pool's initializer)."""
     global _SOURCES
     _SOURCES = sources
 
 
-def _compose_chunk(chunk: list) -> list:
+def compose_chunk(chunk: list) -> list:
     """[(composite array, composite JPEG, mask JPEG)] of [(key, bg_id, fg_id, Placement)]."""
     backgrounds, foregrounds = _SOURCES
     out = []
@@ -43,13 +43,13 @@ def _compose_chunk(chunk: list) -> list:
 
 
 def ordered(pool, chunks, window: int):
-    """_compose_chunk of each chunk, in order, with at most `window` chunks composed ahead."""
+    """compose_chunk of each chunk, in order, with at most `window` chunks composed ahead."""
     if pool is None:
-        yield from map(_compose_chunk, chunks)
+        yield from map(compose_chunk, chunks)
         return
     pending = deque()
     for chunk in chunks:
-        pending.append(pool.apply_async(_compose_chunk, (chunk,)))
+        pending.append(pool.apply_async(compose_chunk, (chunk,)))
         if len(pending) >= window:
             yield pending.popleft().get()
     while pending:
