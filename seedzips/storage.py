@@ -104,22 +104,22 @@ class Source:
             for name, size in files:
                 path = os.path.join(staging, folder, name)
                 if not (os.path.isfile(path) and os.path.getsize(path) == size):
-                    self._download(join(self.path, folder, name), path, size)
+                    self._download(join(self.url, folder, name), join(self.path, folder, name), path, size)
                 if folder == schema.ZIP_DIR:
                     copies.append(path)
         return copies, os.path.join(staging, schema.BG_DIR)
 
-    def _download(self, remote: str, path: str, size: int) -> None:
+    def _download(self, url: str, remote: str, path: str, size: int) -> None:
+        """`remote` (named `url` to the user) into `path`, whole or not at all."""
         fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=TEMPORARY)
         os.close(fd)
         try:
             try:
                 self.fs.get_file(remote, temporary)
             except OSError as error:
-                raise ConvertError(f"cannot read {remote}: {error.strerror or error}") from None
+                raise ConvertError(f"cannot read {url}: {error.strerror or error}") from None
             if os.path.getsize(temporary) != size:
-                raise ConvertError(f"{join(self.url, os.path.relpath(path, staging_folder(self.url, 'dataset')))} "
-                                   "changed size during the conversion")
+                raise ConvertError(f"{url} changed size during the conversion")
             os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

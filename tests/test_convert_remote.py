@@ -136,3 +136,17 @@ def test_a_remote_dataset_is_indexed_by_range_and_downloaded_once(s3, larger_dat
     assert inputs <= first - second <= 1.1 * inputs, (first, second, inputs)
     assert second <= 0.25 * zips, (second, zips)
     assert not os.path.exists(storage.staging_folder(dataset, "dataset"))
+
+
+def test_remote_trouble_is_one_line_naming_the_url(s3, seed_dataset, shard_options, tmp_path, capsys):
+    server, root = s3
+    (root / BUCKET).mkdir()
+    missing = f"s3://{BUCKET}/nowhere"
+    wrong_key = [*_storage_args(server.url), "--storage-option", "secret=not-the-secret"]  # the last one counts
+    for argv, said in ((["--dataset", missing, "--out", str(tmp_path / "out"), *_storage_args(server.url)],
+                        f"dataset folder not found: {missing}"),
+                       (["--dataset", str(seed_dataset[0]), "--out", URL, *wrong_key], f"cannot write to output {URL}")):
+        assert convert_zips.main(argv) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {said}"), lines
+    assert os.listdir(root / BUCKET) == []
