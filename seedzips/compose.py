@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="with --shards: fraction of backgrounds held out for validation (default 0.05)")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
-                        default=[], metavar="KEY=VALUE", help="with --shards: fsspec option for a remote OUT, repeatable")
+                        default=[], metavar="KEY=VALUE",
+                        help="with --shards: fsspec option for a remote OUT, repeatable")
     parser.add_argument("--placements", type=int, default=20,
                         help="placements of each cut-out and of its mirror image on each background, each at "
                         "a random scale and position with the whole cut-out inside the frame (default 20)")

@@ -1,9 +1,10 @@
 """Index a seed-layout dataset without extracting it, and read zip members by their offsets.
 
 Each zip's central directory is read once (by ranged reads where the dataset is remote);
-composite, mask and depth are paired by key (never by position). The writers then read members with two positioned reads on one descriptor per
-zip and process, which is cheaper than zipfile's per-member file objects and safe to share
-between forked workers (no shared file position).
+composite, mask and depth are paired by key (never by position). The writers then read members
+with two positioned reads on one descriptor per zip and process, which is cheaper than
+zipfile's per-member file objects and safe to share between forked workers (no shared file
+position).
 """
 
 import os

@@ -87,8 +87,8 @@ def test_a_sigkill_in_mid_upload_and_a_rerun_give_the_uninterrupted_dataset(s3, 
     assert not (folder / schema.MANIFEST).exists()  # no reader takes this for a dataset
     assert not (folder / "batch-2.tar").exists()  # the cut-off upload left nothing
     inode = (folder / "batch-1.tar").stat().st_ino
-    done = subprocess.run([sys.executable, "convert_zips.py", *_convert_args(seed_dataset[0], URL, server.url, options)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    rerun = [sys.executable, "convert_zips.py", *_convert_args(seed_dataset[0], URL, server.url, options)]
+    done = subprocess.run(rerun, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(1 already done)" in done.stdout
     assert (folder / "batch-1.tar").stat().st_ino == inode  # verified where it was, not uploaded again
@@ -145,7 +145,8 @@ def test_remote_trouble_is_one_line_naming_the_url(s3, seed_dataset, shard_optio
     wrong_key = [*_storage_args(server.url), "--storage-option", "secret=not-the-secret"]  # the last one counts
     for argv, said in ((["--dataset", missing, "--out", str(tmp_path / "out"), *_storage_args(server.url)],
                         f"dataset folder not found: {missing}"),
-                       (["--dataset", str(seed_dataset[0]), "--out", URL, *wrong_key], f"cannot write to output {URL}")):
+                       (["--dataset", str(seed_dataset[0]), "--out", URL, *wrong_key],
+                        f"cannot write to output {URL}")):
         assert convert_zips.main(argv) == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"error: {said}"), lines
