@@ -15,10 +15,9 @@ downloaded once (see seedzips.storage).
 import argparse
 import sys
 
+from pipeline.clients import storage_option
 from seedzips.convert import convert
 from seedzips.errors import ConvertError
-from seedzips.storage import sha256_of as _sha256  # noqa: F401 (tests name cached shards by their digest)
-from seedzips.storage import storage_option
 
 
 def main(argv=None) -> int:

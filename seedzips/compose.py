@@ -40,7 +40,8 @@ from seedzips.depthlabel import DEFAULT_MODEL, DEVICES, DepthLabeller
 from seedzips.errors import ConvertError
 from seedzips.convert import convert
 from seedzips.ranks import Ranks
-from seedzips.storage import staging_folder, storage_option
+from pipeline.clients import storage_option
+from seedzips.storage import staging_folder
 
 def _check_options(placements, scale, bgs_per_zip, batch_size, workers, seed) -> None:
     for option, value in (("--placements", placements), ("--bgs-per-zip", bgs_per_zip),

@@ -14,7 +14,6 @@ shard is still to be written, downloaded once each to a staging folder that a re
 Staging folders are in TMPDIR, named after the URL, and removed once the conversion completes.
 """
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -28,17 +27,6 @@ from seedzips.errors import ConvertError
 
 PROGRESS = schema.MANIFEST + TEMPORARY  # a remote run's manifest until it is complete
 _CENTRAL_DIRECTORY_BLOCK = 1 << 16  # read ahead of zipfile's small seeks and reads, no more
-
-
-def storage_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE (as train.py's --storage-option); VALUE is read as JSON when it parses."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def sha256_of(path: str) -> str:

@@ -113,7 +113,7 @@ def test_manifest_describes_every_shard(shard_dir, shard_options):
     for entry in manifest["shards"]:
         path = os.path.join(shard_dir, entry["name"])
         assert os.path.getsize(path) == entry["bytes"]
-        assert convert_zips._sha256(path) == entry["sha256"]
+        assert storage.sha256_of(path) == entry["sha256"]
         assert len(_read_shard(path)) == entry["samples"] * len(schema.MEMBERS)
     assert manifest["totals"]["samples"] == sum(e["samples"] for e in manifest["shards"])
     assert manifest["totals"]["bytes"] == sum(e["bytes"] for e in manifest["shards"])

@@ -19,6 +19,7 @@ from remote import ACCESS_KEY, BUCKET, SECRET_KEY, s3_options, shard_names, uplo
 import convert_zips
 from pipeline import make_loader, schema
 from seedzips import synthetic
+from seedzips.storage import sha256_of
 
 SIZE = 16
 
@@ -98,7 +99,7 @@ def test_a_cache_dir_fetches_each_shard_once_over_epochs_and_none_in_a_later_run
     cached = sorted(os.listdir(cache_dir))
     names = shard_names(three_shards)
     assert [n for n in cached if n.endswith(".tar")] == sorted(
-        f"{convert_zips._sha256(three_shards / n)}-{n}" for n in names)
+        f"{sha256_of(three_shards / n)}-{n}" for n in names)
     assert len([n for n in cached if n.endswith(schema.INDEX_SUFFIX)]) == len(names)
     assert not [n for n in cached if n.endswith(".part")]
 
