@@ -17,7 +17,7 @@ import sys
 
 from pipeline.clients import storage_option
 from seedzips.convert import convert
-from seedzips.errors import ConvertError
+from seedzips.errors import run_command
 
 
 def main(argv=None) -> int:
@@ -43,18 +43,10 @@ def main(argv=None) -> int:
                         help="fsspec option for a remote --out or --dataset, repeatable; VALUE may be JSON, "
                         'e.g. client_kwargs=\'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     args = parser.parse_args(argv)
-    try:
-        convert(args.dataset, args.out, shards=args.shards, val_fraction=args.val_fraction,
-                val_shards=args.val_shards, seed=args.seed, workers=args.workers, strict=args.strict,
-                storage_options=dict(args.storage_options) or None)
-    except ConvertError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_command(lambda: convert(
+        args.dataset, args.out, shards=args.shards, val_fraction=args.val_fraction, val_shards=args.val_shards,
+        seed=args.seed, workers=args.workers, strict=args.strict, storage_options=dict(args.storage_options) or None),
+        error_status=1)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,7 +37,7 @@ from seedzips.composerecord import (RECORD_VERSION, file_record, prepare, ranks_
 from seedzips.composezip import PLACEMENTS_NAME  # noqa: F401 (the name of a zip member, told to users)
 from seedzips.composezip import ordered, set_sources, write_sources, write_zip, zip_samples
 from seedzips.depthlabel import DEFAULT_MODEL, DEVICES, DepthLabeller
-from seedzips.errors import ConvertError
+from seedzips.errors import ConvertError, run_command
 from seedzips.convert import convert
 from seedzips.ranks import Ranks
 from pipeline.clients import storage_option
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     if args.out is None and args.shards is None:
         parser.error("give --out DATASET, --shards OUT or both")
     dataset = args.out or staging_folder(args.shards, "compose")  # named after OUT: a re-run resumes
-    try:
+
+    def work():
         record = compose(args.bg, args.fg, dataset, fg_masks=args.fg_masks, placements=args.placements,
                          scale=tuple(args.scale), bgs_per_zip=args.bgs_per_zip, depth_model=args.depth_model,
                          device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
@@ -177,13 +178,8 @@ def main(argv=None) -> int:
                     storage_options=dict(args.storage_options) or None)
             if args.out is None:
                 shutil.rmtree(dataset)
-    except ConvertError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(work, error_status=2)
 
 
 if __name__ == "__main__":
