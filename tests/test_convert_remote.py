@@ -18,7 +18,7 @@ import train
 from helpers import ROOT, TINY, assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import storage, synthetic
-from test_remote import ACCESS_KEY, BUCKET, SECRET_KEY, assert_loopback, aws_env  # noqa: F401 (aws_env: a fixture)
+from remote import ACCESS_KEY, BUCKET, SECRET_KEY, assert_loopback
 
 PREFIX = "shards"
 URL = f"s3://{BUCKET}/{PREFIX}"
