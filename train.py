@@ -147,7 +147,7 @@ def train_epoch(setup: Setup, progress: Progress, logger: RunLogger, window: Win
                                       weights=setup.weights, amp_dtype=setup.amp_dtype)
         terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
         setup.scheduler.step()
-        progress.took_step()
+        progress.took_step(loader)
         window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
         window.samples += x.shape[0]
         stop = stop_now(setup, started)
@@ -181,10 +181,11 @@ def train(setup: Setup, progress: Progress, logger: RunLogger) -> int:
     with tqdm(total=total_steps, initial=progress.step, unit="step", disable=not setup.ctx.is_main,
               dynamic_ncols=True) as bar:
         while progress.step < total_steps and stop is None:
-            # Epoch after epoch from the same workers, which make epoch e+1 while e ends.
-            this_pass = steps_per_epoch - progress.batch_in_epoch
-            loader = setup.train_data.epoch(progress.epoch, start_batch=progress.batch_in_epoch,
-                                            chain=total_steps - progress.step > this_pass)
+            # Epoch after epoch from the same workers, which make epoch e+1 while e ends, unless
+            # the run ends in this pass.
+            loader = setup.train_data.epoch(**progress.pass_start())
+            if total_steps - progress.step <= len(loader):
+                loader = setup.train_data.epoch(**progress.pass_start(), chain=False)
             stop = train_epoch(setup, progress, logger, window, loader, bar, started)
     signum = stop.signum if stop else 0
     # --- final evaluation and checkpoint ---

@@ -3,13 +3,19 @@ through make_loader's rank/world_size, each with its own worker processes)."""
 
 import collections
 import json
+import os
+import signal
+import subprocess
 
 import pytest
 import torch
 
 import convert_zips
+from helpers import ROOT, TORCHRUN, tiny, wait_for
 from pipeline import Pipeline, PipelineError, make_loader
+from pipeline.plan import split_evenly
 from seedzips import synthetic
+from test_signals import Job, tagged_processes, trained
 
 SAMPLES = 120  # 2 zips x 2 backgrounds x 6 foregrounds x 5 placements, no faults
 SHUFFLE = 6  # small, so a stopped train epoch has consumed a scattered set of its shares' samples
@@ -119,3 +125,52 @@ def test_a_state_of_other_shards_seed_or_split_is_one_line_naming_what_differs(c
         assert "\n" not in str(raised.value)
     with pytest.raises(PipelineError, match="epoch 2 asked for with a loader state of epoch 0"):
         make_loader(clean_shards, batch_size=4, workers=0, epoch=2, state=state)
+
+
+# --- train.py: a torchrun run stopped by SIGTERM mid-epoch, resumed on another number of ranks
+BATCH = 2
+
+
+def _train_command(world: int, report, shards: str, out, *extra) -> list:
+    """torchrun of tests/ddp_probe.py (each rank's batch keys into REPORT/rank-R.pt)."""
+    return [TORCHRUN, "--standalone", f"--nproc_per_node={world}", str(ROOT / "tests" / "ddp_probe.py"), str(report),
+            "--shards", shards, "--out", str(out), *tiny(batch_size=BATCH, workers=1), "--no-val", *extra]
+
+
+def _rank_batches(report, world: int) -> list[list]:
+    return [torch.load(report / f"rank-{rank}.pt", weights_only=False)["batches"] for rank in range(world)]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2 -> 1 processes", "1 -> 2 processes"])
+def test_a_run_stopped_by_sigterm_mid_epoch_resumes_on_another_number_of_ranks_with_exactly_the_rest(
+        clean_shards, tmp_path, before, after):
+    out, first, second = tmp_path / "run", tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    with Job(_train_command(before, first, clean_shards, out, "--steps", "10000"), tmp_path / "logs") as job:
+        wait_for(lambda: trained(out), "the first step")
+        for pid in tagged_processes(job.tag):
+            os.kill(pid, signal.SIGTERM)
+        job.wait()
+    saved = torch.load(out / "last.pt", weights_only=False)
+    stopped, state = saved["step"], saved["loader_state"]
+    assert state["samples_done"] == before * stopped * BATCH < SAMPLES  # stopped mid-epoch 0
+    rest = min(split_evenly(SAMPLES - state["samples_done"], after)) // BATCH  # whole batches of the smaller rank
+
+    resumed = subprocess.run(_train_command(after, second, clean_shards, out, "--steps", str(stopped + rest + 2),
+                                            "--schedule-steps", "10000", "--resume"),
+                             capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"resumed epoch 0 at sample {state['samples_done']} of {SAMPLES} on {after} ranks "
+            f"(was {before} ranks)") in resumed.stdout
+    assert "warning" not in resumed.stdout + resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = {record["step"]: record["epoch"] for record in records if record["kind"] == "train"}
+    assert sorted(epochs) == list(range(1, stopped + rest + 3))  # no step twice, none missing
+    assert min(step for step, epoch in epochs.items() if epoch == 1) == stopped + rest + 1
+
+    epoch_0 = [key for batches in _rank_batches(first, before) for keys in batches for key in keys]
+    epoch_0 += [key for batches in _rank_batches(second, after) for keys in batches[:rest] for key in keys]
+    assert len(epoch_0) == (before * stopped + after * rest) * BATCH
+    assert len(set(epoch_0)) == len(epoch_0)  # no sample trained twice in the epoch
+    undelivered = SAMPLES - len(epoch_0)  # at most the new ranks' last partial batches beyond the usual drop
+    assert undelivered - _uninterrupted_drop(clean_shards, before, BATCH) <= after * BATCH
