@@ -48,7 +48,7 @@ import sys
 
 import torch
 
-from pipeline import cache, cachelimit, elastic
+from pipeline import cache, cachelimit, elastic, mixture
 from pipeline.batches import STAGES, share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
@@ -57,7 +57,7 @@ from pipeline.options import LoaderOptions
 from pipeline.passes import Pass
 from pipeline.plan import batches_to_skip, epoch_runs
 from pipeline.shardreader import ShardInfo, prepare_shards
-from pipeline.sources import expand_urls, shard_basename
+from pipeline.sources import shard_basename
 from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ class _Source:
     pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
     epoch e; any other pass makes its one epoch and stops (nothing read for nothing).
     `continued` = (epoch, prior segments): that epoch is the rest of one begun on other
-    topologies (pipeline.elastic)."""
+    topologies (pipeline.elastic); `mix`: the shards' pipeline.mixture.Mixture, or None."""
 
-    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...], continued=None):
-        self.options, self.shards, self.continued = options, shards, continued
+    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...], mix, continued=None):
+        self.options, self.shards, self.mix, self.continued = options, shards, mix, continued
         self.sizes = [shard.samples for shard in shards]
         self.segment = elastic.Segment(world_size=options.world_size, workers=options.processes,
                                        batch_size=options.batch_size, shuffle_buffer=options.shuffle_buffer)
@@ -88,7 +88,8 @@ class _Source:
     def runs(self, epoch: int, prior: tuple = ()) -> tuple:
         """The samples of `epoch` left after the `prior` segments, as (shard, start, stop) runs."""
         train, seed = self.options.train, self.options.seed
-        runs = epoch_runs(self.sizes, train=train, seed=seed, epoch=epoch)
+        epoch_of = epoch_runs if self.mix is None else self.mix.runs
+        runs = epoch_of(self.sizes, train=train, seed=seed, epoch=epoch)
         return elastic.remaining(runs, prior, train=train, seed=seed, epoch=epoch) if prior else runs
 
     def plan(self, epoch: int, prior: tuple = ()):
@@ -126,16 +127,18 @@ class Pipeline:
         self._pool = None
         self._pass: Pass | None = None  # the last pass started, while its workers run
         self.options = options = LoaderOptions(**options).resolved()
-        shards = prepare_shards(expand_urls(urls, options.storage_options), options.storage_options,
+        found, mix = mixture.resolve(urls, options.storage_options, options.samples_per_epoch)
+        shards = prepare_shards(found, options.storage_options,
                                 options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
                                 cache_dir=options.cache_dir)
         if options.cache_limit is not None:
             local_rank, local_ranks = cachelimit.local_ranks(options.world_size)
             cachelimit.check_limit(options.cache_dir, options.cache_limit, shards,
                                    readers=options.processes * local_ranks, warn=local_rank == 0)
-        self.source = _Source(options, tuple(shards))
+        self.source = _Source(options, tuple(shards), mix)
         self.identity = elastic.identity([shard_basename(shard.url) for shard in shards], self.source.sizes,
-                                         train=options.train, seed=options.seed)
+                                         train=options.train, seed=options.seed,
+                                         mixture=None if mix is None else mix.identity(self.source.sizes))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
             raise PipelineError(f"{sum(self.source.sizes)} samples in {urls!r} cannot fill one batch of "
@@ -181,7 +184,7 @@ class Pipeline:
         continued, current = ((epoch, prior) if prior else None), self.source.continued
         if continued != current and (continued is not None or current[0] == epoch):
             self.close()
-            self.source = _Source(self.options, self.source.shards, continued)
+            self.source = _Source(self.options, self.source.shards, self.source.mix, continued)
         if self._pool is None:
             buffers = BatchBuffers(self._layout, self.options.processes, BUFFERS_PER_WORKER, shared=self.workers > 0)
             self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
@@ -248,7 +251,7 @@ class Loader:
         state is the same): JSON-serialisable, for Pipeline.epoch(state=) or make_loader(state=)
         on any ranks, workers and batch size (pipeline.elastic)."""
         segment = dataclasses.replace(self.pipeline.source.segment, batches=self.start_batch + self.taken)
-        epoch_samples = sum(self.pipeline.source.sizes)
+        epoch_samples = sum(stop - start for _, start, stop in self.pipeline.source.runs(self.epoch))
         before = epoch_samples - sum(stop - start for _, start, stop in self.pipeline.source.runs(self.epoch, self._prior))
         return elastic.state_dict(self.pipeline.identity, epoch=self.epoch, segments=[*self._prior, segment],
                                   samples_done=before + elastic.consumed(self._plan, segment),

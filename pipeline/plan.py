@@ -71,7 +71,7 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def _split_proportionally(total: int, weights: list[int]) -> list[int]:
+def split_proportionally(total: int, weights: list[int]) -> list[int]:
     """Sizes adding up to `total`, proportional to `weights` (largest remainder method)."""
     weight_sum = sum(weights)
     if weight_sum == 0:
@@ -130,7 +130,7 @@ def plan_runs(runs: list, *, world_size: int, workers: int, batch_size: int, tra
         if train:
             spare = samples - batches * batch_size
             pieces = [k * batch_size + extra for k, extra in
-                      zip(worker_batches, _split_proportionally(spare, worker_batches))]
+                      zip(worker_batches, split_proportionally(spare, worker_batches))]
             batch_lists = [(batch_size,) * k for k in worker_batches]
         else:
             sizes_of_batches = split_evenly(samples, batches) if batches else []
