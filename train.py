@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError
-from training import UserError, baselines, checkpoint, distributed, preflight, signals
+from training import UserError, baselines, checkpoint, distributed, preflight, signals, valsources
 from training.logger import RunLogger, Window, count_window, window_record
 from training.options import LOSS_TERMS, parse_args
 from training.run import Progress, Setup
@@ -49,7 +49,7 @@ from training.visual import save_preview
 # --- setup: the data, and the checks that need it or the device ---------------------------
 def open_data(args, ctx: distributed.Context, amp_dtype):
     """make_loader's arguments shared by every pass, the training URLs, their Pipeline and the
-    validation Pipeline (None without validation shards), checked on every rank before the first step.
+    validation Pipelines by source name (none without validation shards), checked on every rank before the first step.
     Their workers live for the whole run: epochs and validations reuse them."""
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        scaled_decode=args.scaled_decode, seed=args.seed,
@@ -204,15 +204,23 @@ def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
     scorer = None
     if progress.last_validated < 0:
         scorer = baselines.Scorer(baselines.fit(setup.train_urls, setup.loader_args, device), device)
-    result, preview = evaluate(setup.model, setup.val_data.epoch(0), device, amp_dtype=setup.amp_dtype,
-                               channels_last=True, weights=setup.weights, previews=setup.args.previews, also=scorer)
+    results, preview = {}, None
+    for name, data in setup.val_data.items():
+        results[name], shown = evaluate(setup.model, data.epoch(0), device, amp_dtype=setup.amp_dtype,
+                                        channels_last=True, weights=setup.weights, previews=setup.args.previews,
+                                        also=scorer)
+        preview = shown if preview is None else preview
+    result = valsources.total(results)
     if scorer is not None:
         scores = scorer.compute()
         logger.log("baseline", step, {"fit_samples": scorer.baselines.samples,
                                       "bgsub_threshold": scorer.baselines.threshold, **scores})
         setup.say(baselines.summary(scores, scorer.baselines, result))
-    logger.log("val", step, {"epoch": progress.epoch, **result})
-    setup.say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    logger.log("val", step, {"epoch": progress.epoch, **result, **valsources.by_source(results)})
+    setup.say(f"val @ step {step}: " + "; ".join(
+        [", ".join(f"{k} {v:.4g}" for k, v in result.items())]
+        + [f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+           for name, scores in results.items() if len(results) > 1]))
     if setup.ctx.is_main and preview is not None:
         save_preview(setup.out / "previews" / f"step-{step}.png", *preview)
     return progress.validated(result["loss"])
@@ -253,9 +261,8 @@ def run(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> in
     logger = RunLogger(setup.out, enabled=ctx.is_main)
     signum = train(setup, progress, logger)
     logger.close()
-    for data in (setup.train_data, setup.val_data):  # (an early exit leaves this to their garbage collection)
-        if data is not None:
-            data.close()
+    for data in (setup.train_data, *setup.val_data.values()):  # (an early exit leaves this to their garbage collection)
+        data.close()
     report(setup, progress, signum)
     return signum
 

@@ -2,11 +2,15 @@
 HTTP, and elastic resume of a mixture (ranks simulated through make_loader's rank/world_size)."""
 
 import collections
+import json
+import re
 
 import pytest
 
 import convert_zips
 import counting
+import train
+from helpers import TINY
 from pipeline import PipelineError, make_loader, schema
 from seedzips import synthetic
 
@@ -117,3 +121,28 @@ def test_a_state_of_a_plain_loader_or_bad_weights_are_one_line(six_shards):
         make_loader([(f"{six_shards}/batch-1.tar", -1), (f"{six_shards}/batch-2.tar", 1)], batch_size=4, workers=0)
     with pytest.raises(PipelineError, match="only that"):
         make_loader([(f"{six_shards}/batch-1.tar", 1), f"{six_shards}/batch-2.tar"], batch_size=4, workers=0)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    """Folders a/ and b/, each a converted dataset with its own val-1.tar."""
+    root = tmp_path_factory.mktemp("two")
+    for name, seed in (("a", 0), ("b", 1)):
+        synthetic.generate(root / f"seed-{name}", zips=2, bgs_per_zip=2, fg=3, placements=2, seed=seed, image_size=SIZE)
+        convert_zips.convert(root / f"seed-{name}", root / name, shards=2, val_fraction=0.25, seed=seed, workers=1,
+                             progress=False)
+    return root
+
+
+def test_train_py_mixes_sources_by_weight_and_scores_each_validation_source(two_datasets, tmp_path, capsys):
+    out = tmp_path / "run"
+    sources = ["--shards", f"{two_datasets}/a/batch-{{1..2}}.tar", "--shards", f"{two_datasets}/b/batch-{{1..2}}.tar"]
+    assert train.main([*sources, "--weights", "0.7,0.3", "--out", str(out), *TINY, "--steps", "2",
+                       "--val-every", "2"]) == 0
+    printed = capsys.readouterr().out
+    (val,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert val["samples"] == val["a/samples"] + val["b/samples"] == 12  # each val-1.tar: 6 samples
+    assert {"iou", "a/iou", "b/iou", "a/rmse", "b/rmse"} <= val.keys()
+    assert re.search(r"val @ step 2: loss \S+, .*; a: loss \S+, .*; b: loss ", printed), printed
+    assert train.main([*sources, "--weights", "1", "--out", str(tmp_path / "bad"), *TINY]) == 2
+    assert "train.py: error: --weights: 1 weights for 2 --shards sources" in capsys.readouterr().err

@@ -24,7 +24,7 @@ class Setup:
     train_urls: list
     loader_args: dict  # make_loader's arguments, but for train and epoch
     train_data: Pipeline  # the training shards' batches, epoch after epoch, from workers that live all run
-    val_data: Pipeline | None  # the validation shards', from workers of their own (None: no validation)
+    val_data: dict  # validation source name -> its shards' Pipeline, workers of its own (empty: no validation)
     config: UNetConfig
     model: torch.nn.Module
     forward: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
