@@ -51,12 +51,12 @@ class Resume:
     start_batch: int
 
 
-def identity(names: list[str], sizes: list[int], *, train: bool, seed: int, mixture: dict | None) -> dict:
+def identity(names: list[str], sizes: list[int], options, *, mixture: dict | None) -> dict:
     """What a state must match besides the epoch: the shards (by name and sample count: the
-    storage they are read from may change), train or eval, the seed and the mixture (its
-    weights, sources and epoch size; None: not a mixture)."""
+    storage they are read from may change), train or eval and the seed (LoaderOptions), and the
+    mixture (its weights, sources and epoch size; None: not a mixture)."""
     listing = json.dumps([[name, size] for name, size in zip(names, sizes)]).encode()
-    return {"train": train, "seed": seed, "mixture": mixture,
+    return {"train": options.train, "seed": options.seed, "mixture": mixture,
             "shards": {"count": len(names), "samples": sum(sizes),
                        "fingerprint": hashlib.sha256(listing).hexdigest()[:16]}}
 

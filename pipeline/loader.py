@@ -55,7 +55,7 @@ from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
 from pipeline.passes import Pass
-from pipeline.plan import batches_to_skip, epoch_runs
+from pipeline.plan import batches_to_skip, epoch_runs, samples_in
 from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import shard_basename
 from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
@@ -137,8 +137,7 @@ class Pipeline:
                                    readers=options.processes * local_ranks, warn=local_rank == 0)
         self.source = _Source(options, tuple(shards), mix)
         self.identity = elastic.identity([shard_basename(shard.url) for shard in shards], self.source.sizes,
-                                         train=options.train, seed=options.seed,
-                                         mixture=None if mix is None else mix.identity(self.source.sizes))
+                                         options, mixture=mix and mix.identity(self.source.sizes))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
             raise PipelineError(f"{sum(self.source.sizes)} samples in {urls!r} cannot fill one batch of "
@@ -226,6 +225,9 @@ class Loader:
             epoch, start_batch, self._prior = resume.epoch, resume.start_batch, resume.prior
         self.pipeline, self.epoch, self.start_batch = pipeline, epoch or 0, start_batch
         self._plan = pipeline.source.plan(self.epoch, self._prior)
+        # The epoch's samples, and those the segments before this pass consumed (for state_dict).
+        self._epoch_samples = samples_in(pipeline.source.runs(self.epoch))
+        self._before = self._epoch_samples - samples_in(pipeline.source.runs(self.epoch, self._prior))
         self.batches_per_epoch = self._plan.batches_per_rank
         self.num_samples = self._plan.samples_per_rank[pipeline.options.rank]
         if not 0 <= start_batch <= self.batches_per_epoch:
@@ -251,11 +253,9 @@ class Loader:
         state is the same): JSON-serialisable, for Pipeline.epoch(state=) or make_loader(state=)
         on any ranks, workers and batch size (pipeline.elastic)."""
         segment = dataclasses.replace(self.pipeline.source.segment, batches=self.start_batch + self.taken)
-        epoch_samples = sum(stop - start for _, start, stop in self.pipeline.source.runs(self.epoch))
-        before = epoch_samples - sum(stop - start for _, start, stop in self.pipeline.source.runs(self.epoch, self._prior))
         return elastic.state_dict(self.pipeline.identity, epoch=self.epoch, segments=[*self._prior, segment],
-                                  samples_done=before + elastic.consumed(self._plan, segment),
-                                  epoch_samples=epoch_samples)
+                                  samples_done=self._before + elastic.consumed(self._plan, segment),
+                                  epoch_samples=self._epoch_samples)
 
     def __iter__(self):
         self.skipped, self.stats, self.taken = [], self._zero_stats(), 0

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
-from pipeline.plan import ranges_between, split_evenly, split_proportionally
+from pipeline.plan import ranges_between, samples_in, split_evenly, split_proportionally
 from pipeline.sources import expand_urls
 
 BLOCK = 256  # samples per interleaving block: short next to a worker's share, long next to one read
@@ -60,7 +60,7 @@ class Mixture:
         """The epoch's runs: each source's share, interleaved block by block (module docstring)."""
         chosen = [self._source_runs(i, sizes, count, train=train, seed=seed, epoch=epoch)
                   for i, count in enumerate(self.counts(sizes))]
-        counts = [sum(stop - start for _, start, stop in runs) for runs in chosen]
+        counts = [samples_in(runs) for runs in chosen]
         blocks = max(1, math.ceil(sum(counts) / BLOCK))
         starts = [[0, *itertools.accumulate(stop - start for _, start, stop in runs)][:-1] for runs in chosen]
         pieces = [split_evenly(count, blocks) for count in counts]

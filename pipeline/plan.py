@@ -110,6 +110,11 @@ def plan_epoch(sizes: list[int], *, world_size: int, workers: int, batch_size: i
                      workers=workers, batch_size=batch_size, train=train)
 
 
+def samples_in(runs) -> int:
+    """The samples in (shard, start, stop) runs."""
+    return sum(stop - start for _, start, stop in runs)
+
+
 def epoch_runs(sizes: list[int], *, train: bool, seed: int, epoch: int) -> tuple:
     """An epoch's samples as (shard, start, stop) runs in reading order: whole shards."""
     return tuple((shard, 0, sizes[shard]) for shard in shard_order(len(sizes), train=train, seed=seed, epoch=epoch))
