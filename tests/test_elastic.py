@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convert_zips
+import train
 from helpers import ROOT, TORCHRUN, tiny, wait_for
 from pipeline import Pipeline, PipelineError, make_loader
 from pipeline.plan import split_evenly
@@ -174,3 +175,16 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_on_another_number_of_ranks_w
     assert len(set(epoch_0)) == len(epoch_0)  # no sample trained twice in the epoch
     undelivered = SAMPLES - len(epoch_0)  # at most the new ranks' last partial batches beyond the usual drop
     assert undelivered - _uninterrupted_drop(clean_shards, before, BATCH) <= after * BATCH
+
+
+def test_resume_with_another_seed_or_other_shards_is_one_error_line(clean_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--out", str(out), *tiny(batch_size=BATCH), "--no-val", "--schedule-steps", "100"]
+    assert train.main(["--shards", clean_shards, *common, "--steps", "2"]) == 0
+    for extra, differs in ((["--shards", clean_shards, "--seed", "1"], "seed 0, this loader's 1"),
+                           (["--shards", clean_shards.replace("{1..3}", "{1..2}")], "shards ")):
+        capsys.readouterr()
+        assert train.main([*extra, *common, "--steps", "4", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"train.py: error: the loader state is of another epoch plan: {differs}" in err
+        assert err.count("\n") == 1, err
