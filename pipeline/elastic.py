@@ -65,9 +65,14 @@ def _compact(value) -> str:
     return json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else repr(value)
 
 
-def resume(state: dict, ident: dict, mine: Segment) -> Resume:
-    """Check `state` against this loader's identity (a one-line PipelineError naming what
-    differs) and say where this loader's pass over its epoch starts."""
+def resume(state: dict | None, ident: dict, mine: Segment, *, epoch: int | None, start_batch: int) -> Resume:
+    """Where a pass asked for `epoch` (None: 0, or the state's) from `start_batch`, or for the
+    rest of `state`'s epoch, starts; `state` is checked against this loader's identity (a
+    one-line PipelineError naming what differs)."""
+    if state is None:
+        return Resume(epoch=epoch or 0, prior=(), start_batch=start_batch)
+    if start_batch:
+        raise PipelineError(f"start_batch {start_batch} given with a loader state: the state says where to start")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PipelineError(f"not a loader state (format {FORMAT!r} expected): {str(state)[:80]}")
     theirs = {key: state.get(key) for key in ident}
@@ -77,15 +82,17 @@ def resume(state: dict, ident: dict, mine: Segment) -> Resume:
         raise PipelineError(f"the loader state is of another epoch plan: {differs}")
     try:
         segments = tuple(Segment(**segment) for segment in state["segments"])
-        epoch = int(state["epoch"])
+        state_epoch = int(state["epoch"])
     except (KeyError, TypeError) as error:
         raise PipelineError(f"a damaged loader state ({type(error).__name__}: {error})") from None
     if not segments:
         raise PipelineError("a damaged loader state: no segments")
+    if epoch not in (None, state_epoch):
+        raise PipelineError(f"epoch {epoch} asked for with a loader state of epoch {state_epoch}")
     *prior, last = segments
     if last.same_topology(mine):
-        return Resume(epoch=epoch, prior=tuple(prior), start_batch=last.batches)
-    return Resume(epoch=epoch, prior=segments, start_batch=0)
+        return Resume(epoch=state_epoch, prior=tuple(prior), start_batch=last.batches)
+    return Resume(epoch=state_epoch, prior=segments, start_batch=0)
 
 
 def plan_segment(runs: tuple, segment: Segment, *, train: bool) -> EpochPlan:

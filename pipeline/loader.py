@@ -215,15 +215,9 @@ class Loader:
 
     def __init__(self, pipeline: Pipeline, epoch: int | None, start_batch: int, *, chain: bool = False,
                  close_after: bool = False, state: dict | None = None):
-        self._prior = ()  # the segments of the epoch before this pass's topology (pipeline.elastic)
-        if state is not None:
-            if start_batch:
-                raise PipelineError(f"start_batch {start_batch} given with a loader state: the state says where to start")
-            resume = elastic.resume(state, pipeline.identity, pipeline.source.segment)
-            if epoch not in (None, resume.epoch):
-                raise PipelineError(f"epoch {epoch} asked for with a loader state of epoch {resume.epoch}")
-            epoch, start_batch, self._prior = resume.epoch, resume.start_batch, resume.prior
-        self.pipeline, self.epoch, self.start_batch = pipeline, epoch or 0, start_batch
+        # _prior: the segments of the epoch before this pass's topology (pipeline.elastic)
+        start = elastic.resume(state, pipeline.identity, pipeline.source.segment, epoch=epoch, start_batch=start_batch)
+        self.pipeline, self.epoch, self.start_batch, self._prior = pipeline, start.epoch, start.start_batch, start.prior
         self._plan = pipeline.source.plan(self.epoch, self._prior)
         # The epoch's samples, and those the segments before this pass consumed (for state_dict).
         self._epoch_samples = samples_in(pipeline.source.runs(self.epoch))
