@@ -56,6 +56,7 @@ bench: setup
 	$(PY) bench/quality.py
 	$(PY) bench/train_speed.py
 	$(PY) bench/compose.py
+	$(PY) bench/elastic.py
 
 # Photo-style data (60 backgrounds, 9 held out: the bench/quality.py dataset with another seed).
 demo: setup

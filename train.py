@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError
-from training import UserError, baselines, checkpoint, distributed, preflight, signals
+from training import UserError, baselines, checkpoint, distributed, preflight, signals, valsources
 from training.logger import RunLogger, Window, count_window, window_record
 from training.options import LOSS_TERMS, parse_args
 from training.run import Progress, Setup
@@ -49,7 +49,7 @@ from training.visual import save_preview
 # --- setup: the data, and the checks that need it or the device ---------------------------
 def open_data(args, ctx: distributed.Context, amp_dtype):
     """make_loader's arguments shared by every pass, the training URLs, their Pipeline and the
-    validation Pipeline (None without validation shards), checked on every rank before the first step.
+    validation Pipelines by source name (none without validation shards), checked on every rank before the first step.
     Their workers live for the whole run: epochs and validations reuse them."""
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        scaled_decode=args.scaled_decode, seed=args.seed,
@@ -149,7 +149,7 @@ def train_epoch(setup: Setup, progress: Progress, logger: RunLogger, window: Win
                                       weights=setup.weights, amp_dtype=setup.amp_dtype)
         terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show
         setup.scheduler.step()
-        progress.took_step()
+        progress.took_step(loader)
         window.loss += loss * x.shape[0]  # stays on the device: no sync until the next log line
         window.samples += x.shape[0]
         stop = stop_now(setup, started)
@@ -183,10 +183,11 @@ def train(setup: Setup, progress: Progress, logger: RunLogger) -> int:
     with tqdm(total=total_steps, initial=progress.step, unit="step", disable=not setup.ctx.is_main,
               dynamic_ncols=True) as bar:
         while progress.step < total_steps and stop is None:
-            # Epoch after epoch from the same workers, which make epoch e+1 while e ends.
-            this_pass = steps_per_epoch - progress.batch_in_epoch
-            loader = setup.train_data.epoch(progress.epoch, start_batch=progress.batch_in_epoch,
-                                            chain=total_steps - progress.step > this_pass)
+            # Epoch after epoch from the same workers, which make epoch e+1 while e ends, unless
+            # the run ends in this pass.
+            loader = setup.train_data.epoch(**progress.pass_start())
+            if total_steps - progress.step <= len(loader):
+                loader = setup.train_data.epoch(**progress.pass_start(), chain=False)
             stop = train_epoch(setup, progress, logger, window, loader, bar, started)
     signum = stop.signum if stop else 0
     # --- final evaluation and checkpoint ---
@@ -205,15 +206,23 @@ def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
     scorer = None
     if progress.last_validated < 0:
         scorer = baselines.Scorer(baselines.fit(setup.train_urls, setup.loader_args, device), device)
-    result, preview = evaluate(setup.model, setup.val_data.epoch(0), device, amp_dtype=setup.amp_dtype,
-                               channels_last=True, weights=setup.weights, previews=setup.args.previews, also=scorer)
+    results, preview = {}, None
+    for name, data in setup.val_data.items():
+        results[name], shown = evaluate(setup.model, data.epoch(0), device, amp_dtype=setup.amp_dtype,
+                                        channels_last=True, weights=setup.weights, previews=setup.args.previews,
+                                        also=scorer)
+        preview = shown if preview is None else preview
+    result = valsources.total(results)
     if scorer is not None:
         scores = scorer.compute()
         logger.log("baseline", step, {"fit_samples": scorer.baselines.samples,
                                       "bgsub_threshold": scorer.baselines.threshold, **scores})
         setup.say(baselines.summary(scores, scorer.baselines, result))
-    logger.log("val", step, {"epoch": progress.epoch, **result})
-    setup.say(f"val @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    logger.log("val", step, {"epoch": progress.epoch, **result, **valsources.by_source(results)})
+    setup.say(f"val @ step {step}: " + "; ".join(
+        [", ".join(f"{k} {v:.4g}" for k, v in result.items())]
+        + [f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+           for name, scores in results.items() if len(results) > 1]))
     if setup.ctx.is_main and preview is not None:
         save_preview(setup.out / "previews" / f"step-{step}.png", *preview)
     return progress.validated(result["loss"])
@@ -254,9 +263,8 @@ def run(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> in
     logger = RunLogger(setup.out, enabled=ctx.is_main)
     signum = train(setup, progress, logger)
     logger.close()
-    for data in (setup.train_data, setup.val_data):  # (an early exit leaves this to their garbage collection)
-        if data is not None:
-            data.close()
+    for data in (setup.train_data, *setup.val_data.values()):  # (an early exit leaves this to their garbage collection)
+        data.close()
     report(setup, progress, signum)
     return signum
 

@@ -12,7 +12,6 @@ with the cheap JPEG checks only, so a resumed pass matches the original unless a
 passed those checks and still failed to decode in a skipped batch.
 """
 
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from pipeline.batchmemory import AUG, BatchBuffers
 from pipeline.decode import CHANNELS, BadSample, Decoder, check
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
-from pipeline.plan import Share, batch_index
+from pipeline.plan import Share, batch_index, buffer_rng, shuffled
 from pipeline.shardreader import ShardInfo, read_samples
 
 # Where a worker's time on a batch goes (Record.seconds; Loader.stats as `<stage>_s`): read =
@@ -78,20 +77,6 @@ def _samples(share: Share, options: LoaderOptions, shards: tuple[ShardInfo, ...]
                                 cache_limit=options.cache_limit)
 
 
-def _shuffled(samples, size: int, rng: random.Random):
-    """A shuffle buffer: holds up to `size` samples and emits a random one per arrival."""
-    held = []
-    for sample in samples:
-        if len(held) < size:
-            held.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield held[i]
-        held[i] = sample
-    rng.shuffle(held)
-    yield from held
-
-
 class _ShareBatcher:
     """One share's samples, pulled one by one, made into its planned batches."""
 
@@ -100,8 +85,7 @@ class _ShareBatcher:
         self.share, self.worker, self.epoch, self.options, self.decoder = share, worker, epoch, options, decoder
         samples = _samples(share, options, shards)
         if options.train:
-            rng = random.Random(f"buffer/{options.seed}/{epoch}/{options.rank}/{worker}")
-            samples = _shuffled(samples, options.shuffle_buffer, rng)
+            samples = shuffled(samples, options.shuffle_buffer, buffer_rng(options.seed, epoch, options.rank, worker))
         self.samples = samples
         self.pulled, self.read_seconds = 0, 0.0
         self.cached = cache.counters()  # as of the last record: each says what was counted since

@@ -18,10 +18,11 @@ The data path, stage by stage: what the stream is after each, and where it runs.
                                               generation (workers.PassControl), a resumed or
                                               chained one goes on with what they are making
   worker, per pass     _Source                (epoch, start batch) -> this worker's Share of the
-                                              epoch's plan (plan.plan_epoch)
+                                              epoch's plan (plan.plan_epoch; a continued epoch's:
+                                              pipeline.elastic)
   worker               shardreader.read_samples  Share's shard ranges -> raw samples (ranged
                                               reads with an index, retried; cache.py's copy)
-  worker               batches._shuffled      -> samples in shuffle-buffer order (train)
+  worker               plan.shuffled          -> samples in shuffle-buffer order (train)
   worker               decode.Decoder         -> images decoded and fitted to image_size,
                                               written into one batch buffer; bad samples
                                               skipped and reported, spares take their place
@@ -39,6 +40,7 @@ The data path, stage by stage: what the stream is after each, and where it runs.
 """
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import signal
@@ -46,16 +48,16 @@ import sys
 
 import torch
 
-from pipeline import cache, cachelimit
+from pipeline import cache, cachelimit, elastic, mixture
 from pipeline.batches import STAGES, share_records
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
 from pipeline.passes import Pass
-from pipeline.plan import batches_to_skip, plan_epoch
+from pipeline.plan import batches_to_skip, epoch_runs, samples_in
 from pipeline.shardreader import ShardInfo, prepare_shards
-from pipeline.sources import expand_urls
+from pipeline.sources import shard_basename
 from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -72,17 +74,26 @@ def _init_worker(_worker_id: int) -> None:
 class _Source:
     """A worker's records for a pass (picklable, so spawned workers get it too): a chained train
     pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
-    epoch e; any other pass makes its one epoch and stops (nothing read for nothing)."""
+    epoch e; any other pass makes its one epoch and stops (nothing read for nothing).
+    `continued` = (epoch, prior segments): that epoch is the rest of one begun on other
+    topologies (pipeline.elastic); `mix`: the shards' pipeline.mixture.Mixture, or None."""
 
-    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...]):
-        self.options, self.shards = options, shards
+    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...], mix, continued=None):
+        self.options, self.shards, self.mix, self.continued = options, shards, mix, continued
         self.sizes = [shard.samples for shard in shards]
+        self.segment = elastic.Segment(world_size=options.world_size, workers=options.processes,
+                                       batch_size=options.batch_size, shuffle_buffer=options.shuffle_buffer)
         self._decoder = None  # one per process: made where it runs
 
-    def plan(self, epoch: int):
-        return plan_epoch(self.sizes, world_size=self.options.world_size, workers=self.options.processes,
-                          batch_size=self.options.batch_size, train=self.options.train,
-                          seed=self.options.seed, epoch=epoch)
+    def runs(self, epoch: int, prior: tuple = ()) -> tuple:
+        """The samples of `epoch` left after the `prior` segments, as (shard, start, stop) runs."""
+        train, seed = self.options.train, self.options.seed
+        epoch_of = epoch_runs if self.mix is None else self.mix.runs
+        runs = epoch_of(self.sizes, train=train, seed=seed, epoch=epoch)
+        return elastic.remaining(runs, prior, train=train, seed=seed, epoch=epoch) if prior else runs
+
+    def plan(self, epoch: int, prior: tuple = ()):
+        return elastic.plan_segment(self.runs(epoch, prior), self.segment, train=self.options.train)
 
     def __call__(self, buffers: BatchBuffers, worker: int, epoch: int, start_batch: int, generation: int,
                  chain: bool):
@@ -90,7 +101,8 @@ class _Source:
             self._decoder = Decoder(self.options.image_size, scaled=self.options.scaled_decode)
         skip = batches_to_skip(start_batch, worker, self.options.processes)
         while True:
-            share = self.plan(epoch).shares[self.options.rank][worker]
+            prior = self.continued[1] if self.continued and self.continued[0] == epoch else ()
+            share = self.plan(epoch, prior).shares[self.options.rank][worker]
             yield from share_records(share, worker, epoch, options=self.options, shards=self.shards,
                                      decoder=self._decoder, buffers=buffers, generation=generation, skip=skip)
             if not (self.options.train and chain):
@@ -115,14 +127,17 @@ class Pipeline:
         self._pool = None
         self._pass: Pass | None = None  # the last pass started, while its workers run
         self.options = options = LoaderOptions(**options).resolved()
-        shards = prepare_shards(expand_urls(urls, options.storage_options), options.storage_options,
+        found, mix = mixture.resolve(urls, options.storage_options, options.samples_per_epoch)
+        shards = prepare_shards(found, options.storage_options,
                                 options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
                                 cache_dir=options.cache_dir)
         if options.cache_limit is not None:
             local_rank, local_ranks = cachelimit.local_ranks(options.world_size)
             cachelimit.check_limit(options.cache_dir, options.cache_limit, shards,
                                    readers=options.processes * local_ranks, warn=local_rank == 0)
-        self.source = _Source(options, tuple(shards))
+        self.source = _Source(options, tuple(shards), mix)
+        self.identity = elastic.identity([shard_basename(shard.url) for shard in shards], self.source.sizes,
+                                         options, mixture=mix and mix.identity(self.source.sizes))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
         if plan.batches_per_rank == 0:
             raise PipelineError(f"{sum(self.source.sizes)} samples in {urls!r} cannot fill one batch of "
@@ -133,11 +148,14 @@ class Pipeline:
         self.pin_memory = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
         self._layout = Layout(options.batch_size, options.image_size, options.train)
 
-    def epoch(self, epoch: int = 0, start_batch: int = 0, *, chain: bool = True) -> "Loader":
-        """One pass: epoch `epoch`'s batches from `start_batch` on. chain (train): the workers go
-        on into epoch + 1 while this one ends; pass False for a run's last epoch, so that no
-        batch of an epoch nobody asks for is read and made."""
-        return Loader(self, epoch, start_batch, chain=chain)
+    def epoch(self, epoch: int | None = None, start_batch: int = 0, *, chain: bool = True,
+              state: dict | None = None) -> "Loader":
+        """One pass: epoch `epoch`'s batches from `start_batch` on (epoch None: 0, or the
+        state's). chain (train): the workers go on into epoch + 1 while this one ends; pass
+        False for a run's last epoch, so that no batch of an epoch nobody asks for is read and
+        made. state (a Loader.state_dict(), taken on any topology): the rest of its epoch on
+        this one; a pass continuing another topology's epoch is never chained."""
+        return Loader(self, epoch, start_batch, chain=chain, state=state)
 
     def close(self) -> None:
         """End the worker processes; a later pass starts new ones."""
@@ -156,10 +174,16 @@ class Pipeline:
     def __del__(self):
         self.close()
 
-    def start_pass(self, epoch: int, start_batch: int, chain: bool) -> Pass:
-        """Epoch `epoch`'s records from `start_batch` on (what a Loader iterates). A train
+    def start_pass(self, epoch: int, start_batch: int, chain: bool, prior: tuple, batches: int) -> Pass:
+        """Epoch `epoch`'s records from `start_batch` on (what a Loader iterates), the epoch
+        continued after the `prior` segments (pipeline.elastic), `batches` long. A train
         pass that starts where the last one stopped goes on with the workers' records as they
-        come; any other starts the workers' sources anew (a new generation)."""
+        come; any other starts the workers' sources anew (a new generation). The workers'
+        source knows which epoch it continues from its start: another means new workers."""
+        continued, current = ((epoch, prior) if prior else None), self.source.continued
+        if continued != current and (continued is not None or current[0] == epoch):
+            self.close()
+            self.source = _Source(self.options, self.source.shards, self.source.mix, continued)
         if self._pool is None:
             buffers = BatchBuffers(self._layout, self.options.processes, BUFFERS_PER_WORKER, shared=self.workers > 0)
             self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
@@ -171,15 +195,16 @@ class Pipeline:
             if last is not None:
                 last.discard()
             self._pass = Pass(self._pool, generation=self._pool.start(epoch, start_batch, chain), epoch=epoch,
-                              start_batch=start_batch, batches_per_epoch=self.batches_per_epoch, chain=chain)
+                              start_batch=start_batch, batches_per_epoch=batches, chain=chain)
         return self._pass
 
 
 class Loader:
     """One pass of a Pipeline: an iterable of this rank's batches (see make_loader).
 
-    Attributes: ``num_samples`` (samples this rank is planned to see this epoch),
-    ``batches_per_epoch``, ``start_batch``, ``skipped`` (one dict per bad sample met in the
+    Attributes: ``num_samples`` (samples this rank is planned to see in this pass's epoch, or
+    in the rest of it that a state continues), ``batches_per_epoch`` (likewise), ``epoch``,
+    ``start_batch``, ``skipped`` (one dict per bad sample met in the
     pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped), the workers'
     seconds on each of pipeline.batches.STAGES as ``read_s``, ``decode_s``, ``fit_s`` (summed
     over workers, for the batches delivered so far) and ``wait_s``, the time this process
@@ -188,13 +213,21 @@ class Loader:
     (what the folder holds, as of the last batch that changed a count).
     """
 
-    def __init__(self, pipeline: Pipeline, epoch: int, start_batch: int, *, chain: bool = False,
-                 close_after: bool = False):
-        if not 0 <= start_batch <= pipeline.batches_per_epoch:
-            raise PipelineError(f"start_batch {start_batch} is outside the epoch's {pipeline.batches_per_epoch} batches")
-        self.pipeline, self.epoch, self.start_batch = pipeline, epoch, start_batch
-        self._chain, self._close_after = chain, close_after
-        self.batches_per_epoch, self.num_samples = pipeline.batches_per_epoch, pipeline.samples_per_epoch
+    def __init__(self, pipeline: Pipeline, epoch: int | None, start_batch: int, *, chain: bool = False,
+                 close_after: bool = False, state: dict | None = None):
+        # _prior: the segments of the epoch before this pass's topology (pipeline.elastic)
+        start = elastic.resume(state, pipeline.identity, pipeline.source.segment, epoch=epoch, start_batch=start_batch)
+        self.pipeline, self.epoch, self.start_batch, self._prior = pipeline, start.epoch, start.start_batch, start.prior
+        self._plan = pipeline.source.plan(self.epoch, self._prior)
+        # The epoch's samples, and those the segments before this pass consumed (for state_dict).
+        self._epoch_samples = samples_in(pipeline.source.runs(self.epoch))
+        self._before = self._epoch_samples - samples_in(pipeline.source.runs(self.epoch, self._prior))
+        self.batches_per_epoch = self._plan.batches_per_rank
+        self.num_samples = self._plan.samples_per_rank[pipeline.options.rank]
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise PipelineError(f"start_batch {start_batch} is outside the epoch's {self.batches_per_epoch} batches")
+        self._chain, self._close_after = chain and not self._prior, close_after
+        self.taken = 0  # batches handed out by the last iteration
         self.skipped: list[dict] = []
         self._cache_dir = pipeline.options.cache_dir
         self.stats = self._zero_stats()
@@ -209,9 +242,19 @@ class Loader:
         """Batches one pass yields: the epoch's batches minus `start_batch`."""
         return self.batches_per_epoch - self.start_batch
 
+    def state_dict(self) -> dict:
+        """Where the epoch stands after the batches this pass has handed out (every rank's
+        state is the same): JSON-serialisable, for Pipeline.epoch(state=) or make_loader(state=)
+        on any ranks, workers and batch size (pipeline.elastic)."""
+        segment = dataclasses.replace(self.pipeline.source.segment, batches=self.start_batch + self.taken)
+        return elastic.state_dict(self.pipeline.identity, epoch=self.epoch, segments=[*self._prior, segment],
+                                  samples_done=self._before + elastic.consumed(self._plan, segment),
+                                  epoch_samples=self._epoch_samples)
+
     def __iter__(self):
-        self.skipped, self.stats = [], self._zero_stats()
-        this_pass = self.pipeline.start_pass(self.epoch, self.start_batch, self._chain)
+        self.skipped, self.stats, self.taken = [], self._zero_stats(), 0
+        this_pass = self.pipeline.start_pass(self.epoch, self.start_batch, self._chain, self._prior,
+                                             self.batches_per_epoch)
         try:
             for record in this_pass.records():
                 self.stats["wait_s"] = this_pass.wait_seconds
@@ -227,13 +270,15 @@ class Loader:
                     for name, count in record.cache.items():
                         self.stats[f"cache_{name}"] += count
                     self.stats["cache_bytes"] = cachelimit.bytes_under(self._cache_dir)
+                self.taken += 1
                 yield this_pass.batch(record)
         finally:
             if self._close_after:
                 self.pipeline.close()
 
 
-def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loader:
+def make_loader(urls, *, epoch: int | None = None, start_batch: int = 0, state: dict | None = None,
+                **options) -> Loader:
     """One pass (a Loader) over this rank's share of one epoch of shards; its workers end
     with the pass. For a run of many epochs and validations, use Pipeline: its workers live
     across passes.
@@ -247,7 +292,10 @@ def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loa
     raw uint8 fields. A batch's tensors are views of shared memory that is reused once the
     batch is dropped: keep what you need with ``.clone()`` (or ``.to(device)``).
 
-    urls: brace pattern, glob, fsspec URL or a list of them; epoch: which epoch's plan;
+    urls: brace pattern, glob, fsspec URL or a list of them; epoch: which epoch's plan (None:
+    0, or the state's); state: a Loader.state_dict() taken on any ranks, workers and batch
+    size, whose epoch this pass finishes (pipeline.elastic: eval gives each sample left
+    once, train none twice and drops at most world_size x batch_size more);
     options: the keyword arguments of pipeline.options.LoaderOptions (batch_size and workers
     required; image_size, train, seed, storage_options, rank, world_size, pin_memory,
     shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit), as Pipeline takes them.
@@ -262,4 +310,4 @@ def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loa
     cache_limit is below the largest file to cache.
     Damaged tar data never raises: each sample it costs is skipped and reported.
     """
-    return Loader(Pipeline(urls, **options), epoch, start_batch, close_after=True)
+    return Loader(Pipeline(urls, **options), epoch, start_batch, close_after=True, state=state)

@@ -30,6 +30,8 @@ class LoaderOptions:
     later epochs and runs (pipeline.cache); the processes of one machine may share it.
     cache_limit: the bytes cache_dir may hold, its other files and downloads counted; the
     least recently used copy no process reads is evicted to make room (pipeline.cachelimit).
+    samples_per_epoch: an epoch's size for a mixture of (urls, weight) sources (None: their
+    total; pipeline.mixture).
     """
 
     batch_size: int
@@ -48,6 +50,7 @@ class LoaderOptions:
     retry_wait: float = 1.0
     cache_dir: str | os.PathLike | None = None
     cache_limit: int | None = None
+    samples_per_epoch: int | None = None
 
     @property
     def processes(self) -> int:
@@ -66,6 +69,9 @@ class LoaderOptions:
                 raise PipelineError("cache_limit needs a cache_dir to bound")
             if not isinstance(self.cache_limit, int) or self.cache_limit < 1:
                 raise PipelineError(f"cache_limit must be a number of bytes >= 1, got {self.cache_limit!r}")
+        if self.samples_per_epoch is not None and not (isinstance(self.samples_per_epoch, int)
+                                                       and self.samples_per_epoch >= 1):
+            raise PipelineError(f"samples_per_epoch must be an integer >= 1, got {self.samples_per_epoch!r}")
         rank, world_size = _rank_and_world(self.rank, self.world_size)
         if not 0 <= rank < world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}")

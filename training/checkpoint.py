@@ -93,10 +93,10 @@ def snapshot(setup, progress) -> dict:
     return {
         "model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
         "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(),
-        **progress.state_dict(setup.steps_per_epoch),
+        **progress.state_dict(),
         # Storage options may hold credentials: keep their names only.
         "args": {**vars(args), "storage_options": sorted(args.storage_options or {})},
-        "model_config": setup.config.to_dict(), "image_size": args.image_size, "loader": setup.loader_identity,
+        "model_config": setup.config.to_dict(), "image_size": args.image_size,
         "rng": rng_states(),
     }
 
@@ -115,8 +115,12 @@ def resume(setup) -> Progress:
         setup.say("note: last.pt was not trained with --amp fp16: its loss scale starts afresh")
     restore_rng_states(state["rng"])
     progress = Progress.from_state_dict(state)
-    if state["loader"] != setup.loader_identity:
-        setup.say(f"warning: resuming with different loader settings ({state['loader']} -> {setup.loader_identity}); "
-                  f"the rest of epoch {progress.epoch} may repeat or miss samples")
     setup.say(f"resumed from {path} at step {progress.step} (epoch {progress.epoch}, batch {progress.batch_in_epoch})")
+    if progress.loader_state is not None:
+        # Checked against these shards and seed now (a PipelineError naming what differs), and
+        # the rest of the epoch planned for this run's ranks, workers and batch size.
+        where = setup.train_data.epoch(state=progress.loader_state).state_dict()
+        was = progress.loader_state["segments"][-1]["world_size"]
+        setup.say(f"resumed epoch {where['epoch']} at sample {where['samples_done']} of {where['epoch_samples']} "
+                  f"on {setup.ctx.world_size} ranks (was {was} ranks)")
     return progress

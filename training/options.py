@@ -37,6 +37,15 @@ def number(kind, *, least=None, above=None, below=None):
     return parse
 
 
+def weights(text: str) -> list[float]:
+    """An argparse type: comma-separated finite weights >= 0 (0.7,0.3), not all 0."""
+    parse = number(float, least=0)
+    values = [parse(part) for part in text.split(",")]
+    if not any(values):
+        raise argparse.ArgumentTypeError(f"the weights add up to 0: {text}")
+    return values
+
+
 def size(text: str) -> int:
     """An argparse type: a size in bytes, 50GB or 512MiB style (pipeline.cachelimit.parse_size), at least 1."""
     try:
@@ -98,9 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--shards", required=True, help="training shards: brace pattern, glob, list or fsspec URL")
-    data.add_argument("--val-shards",
-                      help="validation shards (default: the val-*.tar beside --shards, from their manifest or a glob)")
+    data.add_argument("--shards", required=True, action="append",
+                      help="training shards: brace pattern, glob or fsspec URL; repeat it for a mixture of sources")
+    data.add_argument("--weights", type=weights,
+                      help="a mixture's weights, one per --shards (0.7,0.3): each epoch takes that share of its "
+                      "samples from each source (default: each source in proportion to its size)")
+    data.add_argument("--samples-per-epoch", type=POSITIVE_INT,
+                      help="a mixture's epoch size (default: the sources' total)")
+    data.add_argument("--val-shards", action="append",
+                      help="validation shards, repeatable: each a source scored on its own beside the total "
+                      "(default: the val-*.tar beside each --shards, from their manifest or a glob)")
     data.add_argument("--no-val", action="store_true", help="do not validate even if val shards exist")
     data.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="samples per batch on each rank")
     data.add_argument("--workers", type=COUNT, default=min(4, os.cpu_count() or 1), help="loader processes per rank")
@@ -185,6 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not any(getattr(args, f"w_{term}") for term in LOSS_TERMS):
         raise UserError("--w-" + "/--w-".join(LOSS_TERMS) + ": all loss weights are 0, nothing would be learned")
     check_device(args.device)
+    if args.weights is not None and len(args.weights) != len(args.shards):
+        raise UserError(f"--weights: {len(args.weights)} weights for {len(args.shards)} --shards sources")
+    if args.samples_per_epoch is not None and args.weights is None:
+        raise UserError("--samples-per-epoch: needs --weights (a mixture)")
     if args.cache_limit is not None and args.cache_dir is None:
         raise UserError("--cache-limit: needs --cache-dir, the folder it bounds")
     if args.steps is None and args.epochs is None:

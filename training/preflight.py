@@ -18,7 +18,7 @@ from pipeline.workers import BUFFERS_PER_WORKER
 
 from . import UserError
 from .distributed import Context, fail_together
-from .runfolder import find_val_shards
+from .valsources import find_val_sources
 
 # Against the peak memory of real steps (CPU; widths 4-24, 224-1024 px, batches 1-8) the
 # estimate below came to 0.84-1.09 of it: a step also holds its input, gradients of activations
@@ -159,19 +159,19 @@ def shared_buffer_bytes(data: Pipeline) -> int:
     return options.workers * BUFFERS_PER_WORKER * Layout(options.batch_size, options.image_size, options.train).nbytes
 
 
-def check_shared_memory(train_data: Pipeline, val_data: Pipeline | None, local_ranks: int) -> None:
+def check_shared_memory(train_data: Pipeline, val_data: list[Pipeline], local_ranks: int) -> None:
     """Raise UserError when the batch buffers of the run's loaders, on every rank of this machine,
     would not fit in /dev/shm (Docker gives a container 64 MB unless told --shm-size).
 
     They are made once the workers start, after this check: the training loader's, and at the
-    first validation the baselines' fit and the validation loader's, the same size each (eval
-    layout); the fit's are freed before the validation loader's are made, so two pipelines'
-    worth counts, not three.
+    first validation the baselines' fit and each validation source's loader's, the same size each
+    (eval layout); the fit's are freed before the first validation loader's are made, so the
+    training and validation pipelines count, not the fit's.
     """
     free = shared_memory_free()
     if free is None:
         return
-    per_rank = shared_buffer_bytes(train_data) + (shared_buffer_bytes(val_data) if val_data else 0)
+    per_rank = shared_buffer_bytes(train_data) + sum(map(shared_buffer_bytes, val_data))
     needed = per_rank * local_ranks + _SHARED_SLACK if per_rank else 0
     if needed > free:
         ranks = f" x {local_ranks} ranks on this machine" if local_ranks > 1 else ""
@@ -187,16 +187,21 @@ def check_training(args, ctx: Context, loader_args: dict, amp_dtype):
     """train.py's data and checks before its first step, on every rank (a failure on one stops
     all: a shard listing, a manifest, a cache folder or a probe can fail on one node only).
 
-    Returns (training URLs, their Pipeline, validation URLs, their Pipeline or None). Made once:
+    Returns (training URLs, their Pipeline (a mixture with --weights), validation URLs, and
+    validation source name -> its Pipeline (empty: no validation)). Made once:
     the workers live for the whole run, and making a Pipeline reads the manifests and opens a
     first shard, so bad shards fail here; so does a rank that gets no batch.
     """
     with fail_together(ctx):
-        train_urls = expand_urls(args.shards, args.storage_options)
-        train_data = Pipeline(train_urls, train=True, **loader_args)
-        val_urls = [] if args.no_val else find_val_shards(train_urls, args.val_shards, args.storage_options)
-        val_data = open_validation_shards(val_urls, loader_args)
-        check_shared_memory(train_data, val_data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        sources = [expand_urls(pattern, args.storage_options) for pattern in args.shards]
+        train_urls = [url for urls in sources for url in urls]
+        # Without --weights, every source in proportion to its size: all their shards as one epoch.
+        mixed = list(zip(args.shards, args.weights)) if args.weights else train_urls
+        train_data = Pipeline(mixed, train=True, samples_per_epoch=args.samples_per_epoch, **loader_args)
+        val_sources = {} if args.no_val else find_val_sources(sources, args.val_shards, args.storage_options)
+        val_urls = [url for urls in val_sources.values() for url in urls]
+        val_data = {name: open_validation_shards(urls, loader_args) for name, urls in val_sources.items()}
+        check_shared_memory(train_data, list(val_data.values()), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         check_memory(UNetConfig(width=args.width), args.image_size, args.batch_size, ctx.device, training=True,
                      amp_dtype=amp_dtype, options=f"--image-size {args.image_size} with --batch-size {args.batch_size}")
     return train_urls, train_data, val_urls, val_data
