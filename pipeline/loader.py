@@ -39,7 +39,6 @@ The data path, stage by stage: what the stream is after each, and where it runs.
 """
 
 import ctypes
-import functools
 import logging
 import signal
 import sys
@@ -52,11 +51,11 @@ from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
-from pipeline.passes import Pass
+from pipeline.passes import Pass, Patience
 from pipeline.plan import batches_to_skip, plan_epoch
 from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import expand_urls
-from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
+from pipeline.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -161,8 +160,7 @@ class Pipeline:
         pass that starts where the last one stopped goes on with the workers' records as they
         come; any other starts the workers' sources anew (a new generation)."""
         if self._pool is None:
-            buffers = BatchBuffers(self._layout, self.options.processes, BUFFERS_PER_WORKER, shared=self.workers > 0)
-            self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
+            self._pool = WorkerPool(self.source, self._layout, workers=self.workers, shards=self.source.shards,
                                     pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
         last = self._pass
         if self.train and last is not None and last.goes_on_into(epoch, start_batch, chain):
@@ -170,8 +168,12 @@ class Pipeline:
         else:
             if last is not None:
                 last.discard()
+            options = self.options
+            patience = Patience(restarts=options.max_restarts, stall_warn=options.stall_warn,
+                                data_timeout=options.data_timeout, processes=options.processes)
             self._pass = Pass(self._pool, generation=self._pool.start(epoch, start_batch, chain), epoch=epoch,
-                              start_batch=start_batch, batches_per_epoch=self.batches_per_epoch, chain=chain)
+                              start_batch=start_batch, batches_per_epoch=self.batches_per_epoch, chain=chain,
+                              patience=patience)
         return self._pass
 
 
@@ -183,7 +185,7 @@ class Loader:
     pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped), the workers'
     seconds on each of pipeline.batches.STAGES as ``read_s``, ``decode_s``, ``fit_s`` (summed
     over workers, for the batches delivered so far) and ``wait_s``, the time this process
-    waited for the next batch; with a cache_dir also ``cache_hits``, ``cache_misses``,
+    waited for the next batch, ``restarts`` (of the workers, after deaths: pipeline.passes); with a cache_dir also ``cache_hits``, ``cache_misses``,
     ``cache_evictions`` (the workers' counts, pipeline.cache.counters) and ``cache_bytes``
     (what the folder holds, as of the last batch that changed a count).
     """
@@ -200,7 +202,8 @@ class Loader:
         self.stats = self._zero_stats()
 
     def _zero_stats(self) -> dict:
-        stats = {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0}
+        stats = {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0,
+                 "restarts": 0}
         if self._cache_dir is not None:
             stats.update({f"cache_{name}": 0 for name in cache.COUNTS}, cache_bytes=cachelimit.bytes_under(self._cache_dir))
         return stats
@@ -214,7 +217,7 @@ class Loader:
         this_pass = self.pipeline.start_pass(self.epoch, self.start_batch, self._chain)
         try:
             for record in this_pass.records():
-                self.stats["wait_s"] = this_pass.wait_seconds
+                self.stats["wait_s"], self.stats["restarts"] = this_pass.wait_seconds, this_pass.restarts
                 for entry in record.skipped:
                     log.warning("skipped sample %r of %s: %s", entry["key"], entry["shard"], entry["reason"])
                 self.skipped.extend(record.skipped)
@@ -250,7 +253,8 @@ def make_loader(urls, *, epoch: int = 0, start_batch: int = 0, **options) -> Loa
     urls: brace pattern, glob, fsspec URL or a list of them; epoch: which epoch's plan;
     options: the keyword arguments of pipeline.options.LoaderOptions (batch_size and workers
     required; image_size, train, seed, storage_options, rank, world_size, pin_memory,
-    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit), as Pipeline takes them.
+    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit, max_restarts, stall_warn,
+    data_timeout), as Pipeline takes them.
     Every rank gets len(loader) batches; train drops each rank's last partial batch and
     shuffles, eval yields every sample once. Bad samples are replaced by spares; when those
     run out (or a shard ends early) batches shrink, even to empty, but never repeat a sample or
