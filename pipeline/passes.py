@@ -145,18 +145,17 @@ class Pass:
             self._warn_after *= 2
 
     def _restart(self, deaths, index: int) -> None:
-        """Workers died: restart the pool at batch `index` (one line per death), or raise a
-        PipelineError when that would be more than the pass's restarts."""
+        """Workers died: restart the pool at batch `index` (one line), or raise a PipelineError
+        when that would be more than the pass's restarts."""
         self.restarts += 1
-        for death in deaths:
-            how, cause = heartbeat.how_it_ended(death.exitcode)
-            said = f"worker {death.worker} (pid {death.pid}) {how}, {death.doing}"
-            if self.restarts > self.patience.restarts:
-                raise PipelineError(f"loader {said}: {self.restarts} worker deaths in this pass, more than the "
-                                    f"{self.patience.restarts} restarts allowed; likely cause: {cause}")
-            log.warning("loader: %s; restarting the workers at batch %d of epoch %d (restart %d of %d allowed in "
-                        "this pass; likely cause: %s)", said, index, self.epoch, self.restarts,
-                        self.patience.restarts, cause)
+        said = "; ".join(f"worker {death.worker} (pid {death.pid}) {heartbeat.how_it_ended(death.exitcode)[0]}, "
+                         f"{death.doing}" for death in deaths)
+        cause = heartbeat.how_it_ended(deaths[0].exitcode)[1]
+        if self.restarts > self.patience.restarts:
+            raise PipelineError(f"loader {said}: {self.restarts} worker deaths in this pass, more than the "
+                                f"{self.patience.restarts} restarts allowed; likely cause: {cause}")
+        log.warning("loader: %s; restarting the workers at batch %d of epoch %d (restart %d of %d allowed in this "
+                    "pass; likely cause: %s)", said, index, self.epoch, self.restarts, self.patience.restarts, cause)
         for record in self.early.values():
             self.pool.discard(record)
         self.early = {}
