@@ -17,7 +17,7 @@ import torch
 from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, assert_same_weights, checkpoint_step,
                      run_train, tiny, wait_for)
 from pipeline import Pipeline
-from test_signals import Job, start_train, tagged_processes
+from test_signals import SCHEDULE, Job, stalling_server, start_train, tagged_processes
 
 STEPS = ["--steps", "12", "--workers", "2"]  # 4 steps per epoch at batch 4: three epochs
 
@@ -261,6 +261,20 @@ def test_sigterm_while_every_worker_is_stopped_saves_last_pt_and_exits_143_with_
     assert "Traceback" not in stderr
     step = int(re.search(r"stopped by SIGTERM at step (\d+)", stdout).group(1))
     assert checkpoint_step(out / "last.pt") == step == logged_steps(out)
+
+
+def test_sigterm_while_a_step_waits_for_a_stalled_server_saves_last_pt_and_exits_143(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    with stalling_server(shard_dir) as (url, _), \
+            Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{url}/batch-{{1..2}}.tar", "--out", str(out),
+                 *TINY, *SCHEDULE, "--workers", "2", "--no-val"], tmp_path / "logs") as job:
+        wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
+        job.process.send_signal(signal.SIGTERM)
+        status = job.wait(timeout=60)
+        left = tagged_processes(job.tag)
+    stderr = job.stderr.read_text()
+    assert status == 128 + signal.SIGTERM and left == [] and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM at step 0" in job.stdout.read_text() and checkpoint_step(out / "last.pt") == 0
 
 
 def test_dev_shm_filled_mid_run_is_an_error_naming_it_with_last_pt(shard_dir, tmp_path):
