@@ -1,4 +1,5 @@
-"""What each loader worker is doing, in shared memory, so the main process can say why it waits.
+"""What each loader worker is doing, in shared memory, so the main process can say why it waits,
+and how a dead one ended.
 
 Each worker writes a few numbers into its own row as it goes (its pid, the stage it is in
 and since when, the shard range it reads, the sample and bytes it is at): plain stores into
@@ -10,6 +11,7 @@ be read half written; the worst that does is one line naming the previous sample
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -88,6 +90,24 @@ def reading_sample(number: int, begin: int, end: int) -> None:
     if _mine is not None:
         rows, worker = _mine
         rows[worker, _SAMPLE], rows[worker, _BEGIN], rows[worker, _END] = number, begin, end
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker found dead: its number, pid, exit code (-N: signal N) and what it was doing."""
+
+    worker: int
+    pid: int
+    exitcode: int
+    doing: str
+
+
+class WorkersDied(Exception):
+    """Raised by WorkerPool.next_record: these workers are dead (restart() the pool, or give up)."""
+
+    def __init__(self, deaths: list[Death]):
+        super().__init__(deaths)
+        self.deaths = deaths
 
 
 def how_it_ended(exitcode: int) -> tuple[str, str]:

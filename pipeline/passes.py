@@ -22,7 +22,8 @@ from pipeline import heartbeat
 from pipeline.augment import Batch
 from pipeline.batches import Record
 from pipeline.errors import PipelineError, WaitStopped
-from pipeline.workers import WorkerPool, WorkersDied
+from pipeline.heartbeat import WorkersDied
+from pipeline.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 _stop_check = None  # the process's stop request, as stop_waiting_when set it

@@ -25,12 +25,12 @@ import os
 import signal
 import threading
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import heartbeat
+from pipeline.heartbeat import Death, WorkersDied
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.errors import PipelineError
 
@@ -182,24 +182,6 @@ def _close_open_pools() -> None:
         pool.close()
 
 
-@dataclass(frozen=True)
-class Death:
-    """A worker found dead: its number, pid, exit code (-N: signal N) and what it was doing."""
-
-    worker: int
-    pid: int
-    exitcode: int
-    doing: str
-
-
-class WorkersDied(Exception):
-    """Raised by WorkerPool.next_record: these workers are dead (restart() the pool, or give up)."""
-
-    def __init__(self, deaths: list[Death]):
-        super().__init__(deaths)
-        self.deaths = deaths
-
-
 def _without_torch_sigchld(make):
     """make() with SIGCHLD's handler as it was before: torch installs its own at its first
     worker start, which raises in the main thread, mid-step, when a worker dies (see the
@@ -290,6 +272,8 @@ class WorkerPool:
         return record or None
 
     def _processes(self) -> list:
+        # The DataLoader iterator's worker Process objects: torch's, private, and the only record
+        # of a worker that died before it could write its pid into its heartbeat.
         return [] if self._records is None or self._dataloader is None else list(self._records._workers)
 
     def deaths(self) -> list[Death]:
