@@ -58,8 +58,9 @@ class Pass:
 
     `early` holds the records that came before their turn, by (epoch, batch index); `failures`
     a worker's storage error by epoch, raised once the pass reaches that epoch; `next` is the
-    (epoch, batch) the workers' records go on with after the last record taken, and
-    `wait_seconds` the time spent waiting for the workers.
+    (epoch, batch) the workers' records go on with after the last record taken,
+    `wait_seconds` the time spent waiting for the workers and `restarts` the times they were
+    replaced after a death.
     """
 
     def __init__(self, pool: WorkerPool, *, generation: int, epoch: int, start_batch: int,

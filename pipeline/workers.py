@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import heartbeat
-from pipeline.heartbeat import Death, WorkersDied
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.errors import PipelineError
+from pipeline.heartbeat import Death, WorkersDied
 
 # PassControl's shared integers.
 _GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
@@ -253,23 +253,20 @@ class WorkerPool:
         """The workers' next record; None when none came within POLL_SECONDS (ask again).
         Raises WorkersDied when a worker is dead (also while the others' records flow, so
         that none runs on alone), PipelineError when the records ended."""
-        died = None
         try:
-            record = next(self.records(), None)
+            record = next(self.records(), False)
         except RuntimeError as error:
-            died = self.deaths()
-            if not died and not str(error).startswith(_TIMED_OUT):
+            if not str(error).startswith(_TIMED_OUT) and not self.deaths():
                 raise
-            record = False  # outside the handler: its traceback holds the DataLoader's iterator
-        else:
-            if record is None:
-                raise PipelineError("the loader's workers stopped making batches")
-            died = self.deaths()
+            record = None  # a restart happens outside the handler: its traceback holds the iterator
+        if record is False:
+            raise PipelineError("the loader's workers stopped making batches")
+        died = self.deaths()
         if died:
-            if record:
+            if record is not None:
                 self.discard(record)
             raise WorkersDied(died)
-        return record or None
+        return record
 
     def _processes(self) -> list:
         # The DataLoader iterator's worker Process objects: torch's, private, and the only record

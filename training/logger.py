@@ -23,8 +23,8 @@ _COUNTED = tuple(f"{stage}_s" for stage in STAGES) + CACHE_COUNTS + ("restarts",
 class Window:
     """Totals since the last log line: loss summed over samples (a device tensor), samples,
     data wait, the loader's worker seconds per stage (`loader`, by pipeline.batches.STAGES),
-    its cache's counts (`cache`, by CACHE_COUNTS) and the bytes its cache_dir held when last
-    seen (`cache_bytes`; None without one)."""
+    its cache's counts (`cache`, by CACHE_COUNTS), the bytes its cache_dir held when last
+    seen (`cache_bytes`; None without one) and its workers' restarts (`worker_restarts`)."""
 
     def __init__(self):
         self._followed, self._seen, self.cache_bytes = None, {}, None
