@@ -154,7 +154,7 @@ class Pass:
                          f"{death.doing}" for death in deaths)
         cause = heartbeat.how_it_ended(deaths[0].exitcode)[1]
         if self.restarts > self.patience.restarts:
-            raise PipelineError(f"loader {said}: {self.restarts} worker deaths in this pass, more than the "
+            raise PipelineError(f"loader {said}: worker deaths in this pass: {self.restarts}, more than the "
                                 f"{self.patience.restarts} restarts allowed; likely cause: {cause}")
         log.warning("loader: %s; restarting the workers at batch %d of epoch %d (restart %d of %d allowed in this "
                     "pass; likely cause: %s)", said, index, self.epoch, self.restarts, self.patience.restarts, cause)
