@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 from model import check_image_size, to_input
 from pipeline import PipelineError, schema
+from pipeline.clients import storage_option
 from pipeline.shardreader import read_samples
 from training import UserError
 from training.checkpoint import load, model_from_checkpoint
-from training.options import POSITIVE_INT, OneLineParser, check_device, storage_option, uses_cuda
+from training.options import POSITIVE_INT, OneLineParser, check_device, uses_cuda
 from training.preflight import check_memory, probe_shard
 from training.visual import colorize_depth
 

@@ -115,10 +115,12 @@ class Stop:
 
 def stop_now(setup: Setup, started: float) -> Stop | None:
     """Once per step, the same answer on every rank: None to go on, else a Stop: the signal
-    when any rank has been sent SIGTERM/SIGINT, or 0 when the time budget is spent."""
+    when any rank has been sent SIGTERM/SIGINT, or 0 when the time budget is spent. Under
+    torchrun the ranks' flags are agreed a step late (a barrier every step would cost every
+    rank the slowest one's time), so they all stop one step after the vote, the same step."""
     minutes = setup.args.minutes
     out_of_time = bool(minutes) and time.monotonic() - started > minutes * 60
-    out_of_time, signum = distributed.all_max([out_of_time, setup.stop_request.signum])
+    out_of_time, signum = distributed.all_max_a_step_late([out_of_time, setup.stop_request.signum])
     return Stop(int(signum)) if out_of_time or signum else None
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from seedzips import compose, objects, placement, scenes  # noqa: E402  (needs ROOT on the path)
+from seedzips import composezip, objects, placement, scenes  # noqa: E402  (needs ROOT on the path)
 
 SEED_SAMPLES = 400_000
 SEED_HOURS = 5.0
@@ -55,19 +55,20 @@ def _sources(count: int) -> tuple:
 def _chunks(sources, samples: int, batch_size: int) -> list:
     backgrounds, foregrounds = sources
     bg_ids = list(range(1, len(backgrounds) + 1))
-    todo = compose._samples(bg_ids, foregrounds, -(-samples // (len(bg_ids) * len(foregrounds))), (0.25, 0.75), 0)
+    placements = -(-samples // (len(bg_ids) * len(foregrounds)))
+    todo = composezip.zip_samples(bg_ids, foregrounds, placements, (0.25, 0.75), 0)
     todo = todo[:samples]
     return [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
 
 
 def _compose_rate(sources, chunks, workers: int) -> float:
-    compose._set_sources(sources)
+    composezip.set_sources(sources)
     started = time.perf_counter()
     if workers == 1:
-        done = sum(len(result) for result in map(compose._compose_chunk, chunks))
+        done = sum(len(result) for result in map(composezip.compose_chunk, chunks))
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            done = sum(len(result) for result in pool.imap(compose._compose_chunk, chunks))
+            done = sum(len(result) for result in pool.imap(composezip.compose_chunk, chunks))
     return done / (time.perf_counter() - started)
 
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     chunks = _chunks(sources, args.compose_samples, args.batch_size)
     one = _compose_rate(sources, chunks, 1)
     parallel = _compose_rate(sources, chunks, args.workers) if args.workers > 1 else one
-    composites = [composite for result in map(compose._compose_chunk, chunks) for composite, _, _ in result]
+    composites = [composite for result in map(composezip.compose_chunk, chunks) for composite, _, _ in result]
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

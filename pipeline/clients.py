@@ -9,6 +9,7 @@ alone (their event loop does not exist in the child, so even closing them would 
 each process closes its own when it exits (close_clients).
 """
 
+import argparse
 import json
 import logging
 import multiprocessing.util
@@ -30,6 +31,18 @@ _S3 = ("s3", "s3a")
 # checksum is only meant for whole-object reads, and the shards have their sha256 in the manifest.
 _S3_CHECKSUMS = {"response_checksum_validation": "AWS_RESPONSE_CHECKSUM_VALIDATION",
                  "request_checksum_calculation": "AWS_REQUEST_CHECKSUM_CALCULATION"}
+
+
+def storage_option(text: str) -> tuple[str, object]:
+    """An argparse type for --storage-option KEY=VALUE (train.py, predict.py, convert_zips.py,
+    compose): VALUE is read as JSON when it parses (true, 3, {...}), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def is_local(url: str) -> bool:

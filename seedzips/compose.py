@@ -2,6 +2,8 @@
 
     python -m seedzips.compose --bg photos/backgrounds --fg photos/cutouts --out data/mine
     python convert_zips.py --dataset data/mine --out shards/mine
+    python -m seedzips.compose --bg photos/backgrounds --fg photos/cutouts --shards s3://bucket/mine
+    torchrun --nproc_per_node=8 -m seedzips.compose ... (each rank labels its own zips on its GPU)
 
 The seed's recipe: every foreground cut-out and its mirror image is pasted --placements times on
 every background, at a random scale and position that keep the whole cut-out inside the frame,
@@ -19,149 +21,27 @@ same inputs and options keeps the zips done and makes the same bytes as one unin
 
 import argparse
 import contextlib
-import hashlib
-import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
-import zipfile
-from collections import deque
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import schema
-from pipeline.schema import TEMPORARY
 from seedzips import placement
+from seedzips.composerecord import RECORD  # noqa: F401 (the record's name, told to users)
+from seedzips.composerecord import (RECORD_VERSION, file_record, prepare, ranks_zips, read_record, remove_rank_records,
+                                    remove_temporaries, reusable, write_record)
+from seedzips.composezip import PLACEMENTS_NAME  # noqa: F401 (the name of a zip member, told to users)
+from seedzips.composezip import ordered, set_sources, write_sources, write_zip, zip_samples
 from seedzips.depthlabel import DEFAULT_MODEL, DEVICES, DepthLabeller
-from seedzips.errors import ConvertError
-from seedzips.synthetic import MEMBER_QUALITY, encode_jpeg, zip_info
-
-RECORD = "compose.json"
-RECORD_VERSION = 1
-SOURCE_QUALITY = {schema.BG_DIR: 75, schema.FG_DIR: 90, schema.FG_MASK_DIR: 90}  # as the synthetic generator's
-PLACEMENTS_NAME = "placements.json"
-_FOLDERS = (schema.BG_DIR, schema.FG_DIR, schema.FG_MASK_DIR, schema.ZIP_DIR)
-_SOURCES = None  # (background arrays, Foregrounds) in each composing process
-
-
-def _set_sources(sources) -> None:
-    global _SOURCES
-    _SOURCES = sources
-
-
-def _compose_chunk(chunk: list) -> list:
-    """[(composite array, composite JPEG, mask JPEG)] of [(key, bg_id, fg_id, Placement)]."""
-    backgrounds, foregrounds = _SOURCES
-    out = []
-    for _, bg_id, fg_id, where in chunk:
-        composite, mask = placement.paste(backgrounds[bg_id - 1], foregrounds[fg_id - 1].rgba, where)
-        out.append((composite, encode_jpeg(Image.fromarray(composite), MEMBER_QUALITY),
-                    encode_jpeg(Image.fromarray(mask), MEMBER_QUALITY)))
-    return out
-
-
-def _ordered(pool, chunks, window: int):
-    """_compose_chunk of each chunk, in order, with at most `window` chunks composed ahead."""
-    if pool is None:
-        yield from map(_compose_chunk, chunks)
-        return
-    pending = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_compose_chunk, (chunk,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _samples(bg_ids, foregrounds, placements: int, scale, seed: int) -> list:
-    """[(key, bg_id, fg_id, Placement)] of one zip, in key order of background, foreground, draw."""
-    samples = []
-    for bg_id in bg_ids:
-        for fg_id, fg in enumerate(foregrounds, 1):
-            draws = placement.draw_placements(seed, bg_id, fg_id, placements, fg.rgba.shape[:2], scale)
-            for p, where in enumerate(draws, 1):
-                samples.append((schema.seed_key(bg_id, (fg_id - 1) * placements + p), bg_id, fg_id, where))
-    return samples
-
-
-def _file_record(option: str, path: str) -> dict:
-    with open(path, "rb") as f:
-        return {"option": option, "name": os.path.basename(path), **schema.file_record(f.read())}
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_record(out: str, record: dict) -> None:
-    schema.write_durably(os.path.join(out, RECORD), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _remove_temporaries(out: str) -> None:
-    """Delete the half-written files of an interrupted or failed run."""
-    for folder in _FOLDERS:
-        for name in os.listdir(os.path.join(out, folder)):
-            if name.endswith(TEMPORARY):
-                os.remove(os.path.join(out, folder, name))
-
-
-def _prepare(out: str) -> dict | None:
-    """Make the output folders, delete an interrupted run's temporaries; the record found, if any."""
-    for folder in _FOLDERS:
-        os.makedirs(os.path.join(out, folder), exist_ok=True)
-    _remove_temporaries(out)
-    try:
-        with open(os.path.join(out, RECORD)) as f:
-            record = json.load(f)
-        if isinstance(record, dict) and isinstance(record.get("zips"), dict):
-            return record
-    except (OSError, ValueError):
-        pass
-    zips = [n for n in os.listdir(os.path.join(out, schema.ZIP_DIR)) if schema.ZIP_PATTERN.match(n)]
-    if zips:
-        raise ConvertError(f"--out {out} already holds {schema.ZIP_DIR}/{zips[0]} and no {RECORD} of compose: "
-                           "not a dataset compose made; give a new or empty folder")
-    return None
-
-
-def _reusable(out: str, old: dict | None, header: dict) -> dict:
-    """The zips an earlier run with this header finished and that are intact: {name: record}."""
-    if old is None:
-        return {}
-    if any(old.get(field) != value for field, value in header.items()):
-        print(f"{os.path.join(out, RECORD)} was made with other options or inputs; starting over", file=sys.stderr)
-        for folder in _FOLDERS:
-            for name in os.listdir(os.path.join(out, folder)):
-                os.remove(os.path.join(out, folder, name))
-        return {}
-    done = {}
-    for name, entry in old["zips"].items():
-        path = os.path.join(out, schema.ZIP_DIR, os.path.basename(name))
-        if isinstance(entry, dict) and os.path.isfile(path) and os.path.getsize(path) == entry.get("bytes") \
-                and _sha256(path) == entry.get("sha256"):
-            done[name] = {"bytes": entry["bytes"], "sha256": entry["sha256"]}
-    return done
-
-
-def _write_sources(out: str, backgrounds: list, foregrounds: list) -> None:
-    """bg/, fg/ and mask/: the 224x224 backgrounds, each cut-out on black and its binary mask."""
-    for bg_id, (_, image) in enumerate(backgrounds, 1):
-        _write_jpeg(out, schema.BG_DIR, schema.bg_name(bg_id), image)
-    for fg_id, fg in enumerate(foregrounds, 1):
-        alpha = fg.rgba[..., 3:].astype(np.float32) / 255
-        _write_jpeg(out, schema.FG_DIR, schema.fg_name(fg_id), np.rint(fg.rgba[..., :3] * alpha).astype(np.uint8))
-        mask = np.where(fg.rgba[..., 3] > schema.MASK_THRESHOLD, 255, 0).astype(np.uint8)
-        _write_jpeg(out, schema.FG_MASK_DIR, schema.fg_mask_name(fg_id), mask)
-
-
-def _write_jpeg(out: str, folder: str, name: str, image: np.ndarray) -> None:
-    schema.write_durably(os.path.join(out, folder, name), encode_jpeg(Image.fromarray(image), SOURCE_QUALITY[folder]))
-
+from seedzips.errors import ConvertError, run_command
+from seedzips.convert import convert
+from seedzips.ranks import Ranks
+from pipeline.clients import storage_option
+from seedzips.storage import staging_folder
 
 def _check_options(placements, scale, bgs_per_zip, batch_size, workers, seed) -> None:
     for option, value in (("--placements", placements), ("--bgs-per-zip", bgs_per_zip),
@@ -178,7 +58,9 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
             depth_model=DEFAULT_MODEL, device="auto", batch_size=16, workers=1, seed=0, progress=True) -> dict:
     """Write the seed-layout dataset of these photos to `out`; return its record (also out/compose.json).
 
-    Raises ConvertError with a one-line message on bad input, options, model or output folder.
+    Under torchrun, each rank writes its own zips (seedzips.ranks); rank 0 returns the whole
+    record, the others theirs. Raises ConvertError with a one-line message on bad input,
+    options, model or output folder.
     """
     started = time.monotonic()
     out = os.fspath(out)
@@ -186,75 +68,65 @@ def compose(bg_dir, fg_dir, out, *, fg_masks=None, placements=20, scale=(0.25, 0
     backgrounds, foregrounds, read = placement.load_sources(bg_dir, fg_dir, fg_masks)
     zip_bgs = [list(range(first, min(first + bgs_per_zip, len(backgrounds) + 1)))
                for first in range(1, len(backgrounds) + 1, bgs_per_zip)]
+    ranks = Ranks()
     pool = None
     sources = ([image for _, image in backgrounds], foregrounds)
     if workers > 1:
         # Forked before torch is imported: a child of a process running torch's threads may hang.
-        pool = multiprocessing.get_context("fork").Pool(workers, _set_sources, (sources,))
-    _set_sources(sources)
+        pool = multiprocessing.get_context("fork").Pool(workers, set_sources, (sources,))
+    set_sources(sources)
     try:
-        labeller = DepthLabeller(depth_model, device)  # before anything is written: it may fail
-        old = _prepare(out)
+        # Before anything is written: it may fail.
+        labeller = DepthLabeller(depth_model, device, index=ranks.local if ranks.world > 1 else None)
+        ranks.start()
         header = {"version": RECORD_VERSION, "depth": labeller.identity | {"device": labeller.device.type},
                   "options": {"placements": placements, "scale": list(scale), "bgs_per_zip": bgs_per_zip,
                               "batch_size": batch_size, "seed": seed, "size": placement.SIZE},
-                  "inputs": [_file_record(option, path) for option, path in read]}
-        entries = _reusable(out, old, header)
-        _write_sources(out, backgrounds, foregrounds)
+                  "inputs": [file_record(option, path) for option, path in read]}
+        if ranks.rank == 0:
+            entries = reusable(out, prepare(out), header)
+            write_sources(out, backgrounds, foregrounds)
+            write_record(out, {**header, "zips": entries, "complete": False})
+            remove_rank_records(out)  # what they listed is in compose.json now, if still intact
+        ranks.wait_for_all()
+        if ranks.rank != 0:
+            entries = read_record(out)["zips"]
         names = [schema.zip_name(b) for b in range(1, len(zip_bgs) + 1)]
-        _write_record(out, {**header, "zips": entries, "complete": False})
-        todo = [(name, _samples(bgs, foregrounds, placements, scale, seed))
-                for name, bgs in zip(names, zip_bgs) if name not in entries]
+        todo = [(name, zip_samples(bgs, foregrounds, placements, scale, seed))
+                for name, bgs in zip(names, zip_bgs) if name in ranks.mine(names) and name not in entries]
         chunks = [samples[i:i + batch_size] for _, samples in todo for i in range(0, len(samples), batch_size)]
-        results = _ordered(pool, chunks, 2 * workers)
-        with tqdm(total=sum(len(s) for _, s in todo), unit="sample", desc="composing", disable=not progress) as bar:
+        results = ordered(pool, chunks, 2 * workers)
+        written = {}  # by this rank
+        with tqdm(total=sum(len(s) for _, s in todo), unit="sample", desc=f"composing{ranks.label}",
+                  disable=not progress) as bar:
             for name, samples in todo:
-                entries[name] = _write_zip(os.path.join(out, schema.ZIP_DIR, name), samples, results,
-                                           labeller, batch_size, foregrounds, bar)
-                _write_record(out, {**header, "zips": entries, "complete": False})
-        record = {**header, "zips": entries, "complete": True}
-        _write_record(out, record)
+                written[name] = write_zip(os.path.join(out, schema.ZIP_DIR, name), samples, results,
+                                          labeller, batch_size, foregrounds, bar)
+                listed = entries | written if ranks.rank == 0 else written
+                write_record(out, {**header, "zips": listed, "complete": False}, ranks.rank)
+        ranks.wait_for_all()
+        if ranks.rank == 0:
+            record = {**header, "zips": entries | written | ranks_zips(out, header), "complete": True}
+            write_record(out, record)
+            remove_rank_records(out)
+        else:
+            record = {**header, "zips": written, "complete": False}
     except BaseException as error:
         with contextlib.suppress(OSError):
-            _remove_temporaries(out)  # no half-written zip outlives the run
+            remove_temporaries(out)  # no half-written zip outlives the run
         if isinstance(error, OSError):
             raise ConvertError(f"cannot write to --out {out}: {error.strerror or error}") from None
         raise
     finally:
         if pool is not None:
             pool.terminate()
+        ranks.close()
     if progress:
         made = sum(len(s) for _, s in todo)
-        print(f"{made} samples in {len(todo)} zips ({len(names) - len(todo)} already done), "
-              f"{time.monotonic() - started:.1f} s -> {out}")
+        rank, mine = (f"rank {ranks.rank}/{ranks.world}: ", f" ({', '.join(written)})") if ranks.world > 1 else ("", "")
+        print(f"{rank}{made} samples in {len(todo)} zips{mine} "
+              f"({len(names) - len(todo)} already done), {time.monotonic() - started:.1f} s -> {out}")
     return record
-
-
-def _write_zip(path: str, samples: list, results, labeller, batch_size: int, foregrounds, bar) -> dict:
-    """Write one zip from the composed chunks of its samples; return its record entry."""
-    labels, placed = [], {}
-    with zipfile.ZipFile(path + TEMPORARY, "w") as archive:
-        for folder in (schema.COMPOSITE_DIR, schema.MASK_DIR, schema.DEPTH_DIR):
-            archive.writestr(zip_info(folder + "/"), b"")
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            composed = next(results)
-            depths = labeller([composite for composite, _, _ in composed])
-            for (key, bg_id, fg_id, where), (_, composite, mask), depth in zip(chunk, composed, depths):
-                name = key + ".jpg"
-                archive.writestr(zip_info(f"{schema.COMPOSITE_DIR}/{name}"), composite)
-                archive.writestr(zip_info(f"{schema.MASK_DIR}/{name}"), mask)
-                archive.writestr(zip_info(f"{schema.DEPTH_DIR}/{name}"),
-                                 encode_jpeg(Image.fromarray(depth), MEMBER_QUALITY))
-                labels.append(name)
-                fg = foregrounds[fg_id - 1]
-                placed[key] = {"bg": bg_id, "fg": fg_id, "source": fg.name, "mirrored": fg.mirrored,
-                               "box": list(where)}
-            bar.update(len(chunk))
-        archive.writestr(zip_info(PLACEMENTS_NAME), json.dumps(placed, sort_keys=True, separators=(",", ":")))
-        archive.writestr(zip_info(schema.LABELS), "".join(n + "\n" for n in sorted(labels)))
-    schema.replace_durably(path + TEMPORARY, path)
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
 def main(argv=None) -> int:
@@ -267,7 +139,15 @@ def main(argv=None) -> int:
                         "or JPEG/PNG with --fg-masks")
     parser.add_argument("--fg-masks", help="folder of masks named as the foregrounds (white = object); "
                         "a mask replaces a PNG's alpha")
-    parser.add_argument("--out", required=True, help="dataset folder to write (bg/, fg/, mask/, zipFiles/)")
+    parser.add_argument("--out", help="dataset folder to write (bg/, fg/, mask/, zipFiles/); with --shards "
+                        "optional (default: a work folder in TMPDIR, removed once the shards are complete)")
+    parser.add_argument("--shards", metavar="OUT", help="also convert the dataset to shards, indexes and "
+                        "manifest.json at OUT, a folder or fsspec URL, as convert_zips.py --out does")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="with --shards: fraction of backgrounds held out for validation (default 0.05)")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                        default=[], metavar="KEY=VALUE",
+                        help="with --shards: fsspec option for a remote OUT, repeatable")
     parser.add_argument("--placements", type=int, default=20,
                         help="placements of each cut-out and of its mirror image on each background, each at "
                         "a random scale and position with the whole cut-out inside the frame (default 20)")
@@ -285,17 +165,21 @@ def main(argv=None) -> int:
                         help="processes composing (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the placements (default 0)")
     args = parser.parse_args(argv)
-    try:
-        compose(args.bg, args.fg, args.out, fg_masks=args.fg_masks, placements=args.placements,
-                scale=tuple(args.scale), bgs_per_zip=args.bgs_per_zip, depth_model=args.depth_model,
-                device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-    except ConvertError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+    if args.out is None and args.shards is None:
+        parser.error("give --out DATASET, --shards OUT or both")
+    dataset = args.out or staging_folder(args.shards, "compose")  # named after OUT: a re-run resumes
+
+    def work():
+        record = compose(args.bg, args.fg, dataset, fg_masks=args.fg_masks, placements=args.placements,
+                         scale=tuple(args.scale), bgs_per_zip=args.bgs_per_zip, depth_model=args.depth_model,
+                         device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+        if args.shards is not None and record["complete"]:  # rank 0 converts what all ranks made
+            convert(dataset, args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                    storage_options=dict(args.storage_options) or None)
+            if args.out is None:
+                shutil.rmtree(dataset)
+
+    return run_command(work, error_status=2)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def to_far(depth: np.ndarray, inverse: bool) -> np.ndarray:
 class DepthLabeller:
     """`labeller(images)`: a list of H x W x 3 uint8 composites -> their H x W uint8 depth maps."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", index: int | None = None):
+        """`index`: which CUDA device (a torchrun rank's local rank), else the current one."""
         if device not in DEVICES:
             raise ConvertError(f"--device {device}: must be one of {', '.join(DEVICES)}")
         try:
@@ -70,7 +71,9 @@ class DepthLabeller:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise ConvertError("--device cuda: no CUDA device is available")
-        self.device = torch.device(device)
+        if device == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ConvertError(f"--device cuda: local rank {index}, but {torch.cuda.device_count()} CUDA devices")
+        self.device = torch.device(device, index) if device == "cuda" and index is not None else torch.device(device)
         if device == "cuda":
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:

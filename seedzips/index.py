@@ -1,9 +1,10 @@
 """Index a seed-layout dataset without extracting it, and read zip members by their offsets.
 
-Each zip's central directory is read once; composite, mask and depth are paired by key (never
-by position). The writers then read members with two positioned reads on one descriptor per
-zip and process, which is cheaper than zipfile's per-member file objects and safe to share
-between forked workers (no shared file position).
+Each zip's central directory is read once (by ranged reads where the dataset is remote);
+composite, mask and depth are paired by key (never by position). The writers then read members
+with two positioned reads on one descriptor per zip and process, which is cheaper than
+zipfile's per-member file objects and safe to share between forked workers (no shared file
+position).
 """
 
 import os
@@ -15,6 +16,7 @@ from typing import NamedTuple
 
 from pipeline import schema
 from seedzips.errors import ConvertError
+from seedzips.storage import Source, join
 
 # Shard member fed by each zip folder (bg_fg_1 -> bgfg.jpg), following schema.SEED_FOLDERS.
 MEMBER_OF_FOLDER = {folder: next(m for m in schema.IMAGE_MEMBERS if m.split(".", 1)[0] == role)
@@ -48,31 +50,21 @@ class DatasetIndex(NamedTuple):
     skipped: list  # [{"key", "zip", "reason"}] sorted by key, zip
 
 
-def list_zips(dataset: str) -> list:
-    """[(name, path, bytes)] of DATASET/zipFiles/batch_*.zip in numeric order."""
-    if not os.path.isdir(dataset):
-        raise ConvertError(f"dataset folder not found: {dataset}")
-    zip_dir = os.path.join(dataset, schema.ZIP_DIR)
-    names = os.listdir(zip_dir) if os.path.isdir(zip_dir) else []
-    matches = sorted((int(m.group(1)), n) for n in names if (m := schema.ZIP_PATTERN.match(n)))
+def list_zips(source: Source) -> list:
+    """[(name, path, bytes)] of the dataset's zipFiles/batch_*.zip in numeric order."""
+    if not source.exists():
+        raise ConvertError(f"dataset folder not found: {source.url}")
+    sizes = source.sizes(schema.ZIP_DIR) or {}
+    matches = sorted((int(m.group(1)), n) for n in sizes if (m := schema.ZIP_PATTERN.match(n)))
     if not matches:
-        raise ConvertError(f"no {schema.ZIP_DIR}/batch_*.zip files in {dataset}")
-    paths = [os.path.join(zip_dir, name) for _, name in matches]
-    return [(name, path, os.path.getsize(path)) for (_, name), path in zip(matches, paths)]
+        raise ConvertError(f"no {schema.ZIP_DIR}/batch_*.zip files in {source.url}")
+    return [(name, join(source.url, schema.ZIP_DIR, name), sizes[name]) for _, name in matches]
 
 
-def _background_sizes(dataset: str, bg_ids) -> dict:
-    """Background id -> size in bytes of bg/{id}_bg.jpg, for those of bg_ids that exist."""
-    bg_dir = os.path.join(dataset, schema.BG_DIR)
-    present = set(os.listdir(bg_dir))
-    return {bg_id: os.path.getsize(os.path.join(bg_dir, schema.bg_name(bg_id)))
-            for bg_id in bg_ids if schema.bg_name(bg_id) in present}
-
-
-def _zip_entries(name: str, path: str) -> dict:
+def _zip_entries(source: Source, name: str, path: str) -> dict:
     """{key: {folder: ZipMember}} of one zip's image members; a key twice in a folder is an error."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with source.open(path) as f, zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise ConvertError(f"unreadable or corrupt zip {path}: {error}") from None
@@ -93,14 +85,17 @@ def _zip_entries(name: str, path: str) -> dict:
     return entries
 
 
-def index_dataset(dataset: str) -> DatasetIndex:
-    """Pair every zip's composites, masks and depth maps by key; set incomplete samples aside."""
-    zips = list_zips(dataset)
-    if not os.path.isdir(os.path.join(dataset, schema.BG_DIR)):
-        raise ConvertError(f"background folder not found: {os.path.join(dataset, schema.BG_DIR)}")
+def index_dataset(source: Source) -> DatasetIndex:
+    """Pair every zip's composites, masks and depth maps by key; set incomplete samples aside.
+
+    Reads only the zips' central directories (ranged reads of a remote dataset)."""
+    zips = list_zips(source)
+    bg_files = source.sizes(schema.BG_DIR)
+    if bg_files is None:
+        raise ConvertError(f"background folder not found: {join(source.url, schema.BG_DIR)}")
     paired, skipped, zip_of_key = [], [], {}
     for zip_index, (name, path, _) in enumerate(zips):
-        for key, by_folder in _zip_entries(name, path).items():
+        for key, by_folder in _zip_entries(source, name, path).items():
             if key in zip_of_key:
                 raise ConvertError(f"duplicate key {key} in {zip_of_key[key]} and {name}")
             zip_of_key[key] = name
@@ -108,7 +103,8 @@ def index_dataset(dataset: str) -> DatasetIndex:
                 paired.append((key, zip_index, schema.background_id(key), by_folder))
             except ValueError:
                 skipped.append({"key": key, "zip": name, "reason": "name not in the {bg}_bg_{k}_fg form"})
-    bg_sizes = _background_sizes(dataset, {bg_id for _, _, bg_id, _ in paired})
+    bg_sizes = {bg_id: bg_files[schema.bg_name(bg_id)] for bg_id in {bg_id for _, _, bg_id, _ in paired}
+                if schema.bg_name(bg_id) in bg_files}
     samples = []
     for key, zip_index, bg_id, by_folder in paired:
         missing = [folder for folder in schema.SEED_FOLDERS.values() if folder not in by_folder]

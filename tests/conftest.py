@@ -32,3 +32,18 @@ def shard_dir(seed_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     convert_zips.convert(seed_dataset[0], out, **SHARD_OPTIONS)
     return out
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """An environment in which an S3 client finds no credentials, endpoint or profile but the
+    test's own (never the cloud's metadata service): the remote tests pass theirs explicitly."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_RESPONSE_CHECKSUM_VALIDATION", "AWS_REQUEST_CHECKSUM_CALCULATION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-the-server-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-server-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    return monkeypatch

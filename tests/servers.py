@@ -172,3 +172,62 @@ def fake_gcs_server(root):
             "-data", os.fspath(root), "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"]
     with _process(args, f"http://127.0.0.1:{port}/storage/v1/b") as url:
         yield url.removesuffix("/storage/v1/b")
+
+
+@contextlib.contextmanager
+def stalling_proxy(target_url: str, marker: bytes, body_bytes: int = 1000):
+    """A TCP proxy on 127.0.0.1 in front of `target_url` that passes everything until a client
+    sends a request containing `marker` (b"PUT /bucket/x.tar"), passes that request's headers and
+    `body_bytes` of its body, then holds it there: an upload caught in mid-flight.
+
+    Yields (the proxy's base URL, an Event set once the request is held).
+    """
+    host, port = target_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)  # accept() wakes up to see `done`
+    held, done = threading.Event(), threading.Event()
+
+    def pump(source, sink, watch: bool):
+        seen = b""
+        try:
+            while data := source.recv(1 << 16):
+                if watch and not held.is_set():
+                    seen = (seen + data)[-(1 << 20):]
+                    start = seen.find(marker)
+                    end = seen.find(b"\r\n\r\n", start) if start >= 0 else -1
+                    if end >= 0 and len(seen) >= end + 4 + body_bytes:
+                        sink.sendall(data[:len(data) - (len(seen) - (end + 4 + body_bytes))])
+                        held.set()
+                        done.wait()
+                        return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end_ in (source, sink):
+                with contextlib.suppress(OSError):
+                    end_.shutdown(socket.SHUT_RDWR)
+
+    def accept():
+        while not done.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                continue
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection((host, int(port)))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
+    finally:
+        done.set()
+        listener.close()
+        thread.join(timeout=10)

@@ -23,8 +23,9 @@ from folderwatch import FolderWatch
 import convert_zips
 import train
 from helpers import ROOT, tiny, wait_for
-from pipeline import Pipeline, PipelineError, cache, cachelimit, make_loader, schema
+from pipeline import Pipeline, PipelineError, cachelimit, make_loader, schema
 from seedzips import synthetic
+from seedzips.storage import sha256_of
 from training import UserError
 
 SIZE = 16
@@ -274,7 +275,7 @@ def test_a_sigkill_mid_download_leaves_nothing_read_half_written(shards, tmp_pat
             child.kill()
             child.wait()
     parts = [name for name in os.listdir(cache_dir) if name.endswith(cachelimit.PART)]
-    assert parts == [f"{convert_zips._sha256(shards / NAMES[2])}-{NAMES[2]}{cachelimit.PART}"]
+    assert parts == [f"{sha256_of(shards / NAMES[2])}-{NAMES[2]}{cachelimit.PART}"]
     _next_run_reads_every_sample(shards, cache_dir, limit, reused=NAMES[:2])
 
 
@@ -295,7 +296,7 @@ def test_a_sigkill_mid_eviction_leaves_every_copy_whole_or_gone(shards, tmp_path
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel released the dead process's locks
     os.close(lock)
     copies = sorted(name for name in os.listdir(cache_dir) if name.endswith(".tar"))
-    assert copies == [f"{convert_zips._sha256(shards / NAMES[0])}-{NAMES[0]}"]  # the copy being evicted
+    assert copies == [f"{sha256_of(shards / NAMES[0])}-{NAMES[0]}"]  # the copy being evicted
     _next_run_reads_every_sample(shards, cache_dir, limit, reused=NAMES[:1])
 
 

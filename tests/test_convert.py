@@ -16,7 +16,7 @@ import webdataset
 import convert_zips
 from helpers import assert_same_folders, read_manifest
 from pipeline import schema
-from seedzips import tarwriter
+from seedzips import storage, tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
 
 
@@ -113,7 +113,7 @@ def test_manifest_describes_every_shard(shard_dir, shard_options):
     for entry in manifest["shards"]:
         path = os.path.join(shard_dir, entry["name"])
         assert os.path.getsize(path) == entry["bytes"]
-        assert convert_zips._sha256(path) == entry["sha256"]
+        assert storage.sha256_of(path) == entry["sha256"]
         assert len(_read_shard(path)) == entry["samples"] * len(schema.MEMBERS)
     assert manifest["totals"]["samples"] == sum(e["samples"] for e in manifest["shards"])
     assert manifest["totals"]["bytes"] == sum(e["bytes"] for e in manifest["shards"])
@@ -146,14 +146,14 @@ def test_two_runs_are_byte_identical_whatever_the_workers(seed_dataset, shard_di
 
 def _killed_after_first_shard(dataset, out, shard_options) -> None:
     """Run in a forked child: convert, and SIGKILL this process once the manifest lists one shard."""
-    write_json = convert_zips._write_json
+    write_progress = storage.Target.write_progress
 
-    def write_then_maybe_die(path, record):
-        write_json(path, record)
+    def write_then_maybe_die(target, record):
+        write_progress(target, record)
         if record["shards"]:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    convert_zips._write_json = write_then_maybe_die
+    storage.Target.write_progress = write_then_maybe_die
     convert_zips.convert(dataset, out, **shard_options)
 
 

@@ -128,6 +128,6 @@ def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, see
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("converting:")]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and str(out) in lines[0] and os.strerror(errno.EFBIG) in lines[0]
-    assert [name for name in os.listdir(out) if name.endswith(convert_zips.TEMPORARY)] == []
+    assert [name for name in os.listdir(out) if name.endswith(schema.TEMPORARY)] == []
     convert_zips.convert(seed_dataset[0], out, **shard_options)
     assert_same_folders(shard_dir, out)

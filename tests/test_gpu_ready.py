@@ -1,13 +1,17 @@
 """What the CUDA path needs, checked on the CPU (issue 20): checkpoints that do not depend on
 the GPUs, the precision and backend choices for a GPU, fp16 without a sync per step, the
-shared-memory check, the stop vote's lag. The GPU itself is bench/gpu.py's."""
+shared-memory check in a /dev/shm of a chosen size. The GPU itself is bench/gpu.py's."""
 
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import checkpoint_step, run_train
+from helpers import CPU, ROOT, checkpoint_step, run_train
 from model import UNet, UNetConfig
 from training import checkpoint, distributed
 from training.steps import amp_dtype_for, make_optimizer, train_step
@@ -124,3 +128,63 @@ def test_a_bf16_run_resumes_with_amp_fp16(shard_dir, tmp_path, capsys):
     assert "its loss scale starts afresh" in capsys.readouterr().out
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["scaler"]["scale"] > 0  # fp16's scaler state is saved from then on
+
+
+def train_with_shm(size_mib: int, shard_dir, out, *options) -> subprocess.CompletedProcess:
+    """train.py in a mount namespace of its own, whose /dev/shm is a fresh tmpfs of `size_mib`
+    MiB (as in a Docker container, which gets 64 MB unless told --shm-size)."""
+    mount = f'mount -t tmpfs -o size={size_mib}m tmpfs /dev/shm && exec "$@"'
+    command = ["unshare", "--mount", "sh", "-c", mount, "sh", sys.executable, str(ROOT / "train.py"), *CPU,
+               "--shards", f"{shard_dir}/batch-{{1..2}}.tar", "--out", str(out), "--width", "4", *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_too_little_dev_shm_is_one_line_naming_it_and_dockers_shm_size(shard_dir, tmp_path):
+    # As the issue's example (batch 32: more than these shards hold), which died before step 1
+    # with a traceback from torch's UntypedStorage._new_shared.
+    done = train_with_shm(64, shard_dir, tmp_path / "run", "--image-size", "224", "--batch-size", "8",
+                          "--workers", "2", "--steps", "2")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("train.py: error: /dev/shm has 64 MiB free") and "--shm-size=" in done.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_config_trains_and_validates_in_a_dev_shm_just_larger_than_the_check_asks(shard_dir, tmp_path):
+    options = ["--image-size", "224", "--batch-size", "4", "--workers", "2", "--steps", "2", "--val-every", "1"]
+    refused = train_with_shm(8, shard_dir, tmp_path / "refused", *options)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    needed = int(re.search(r"batch buffers need (\d+) MiB", refused.stderr).group(1))  # rounded to the MiB
+    assert 32 < needed < 64  # the buffers (two pipelines of 2 workers) are most of it, and fit Docker's default
+    assert train_with_shm(needed - 1, shard_dir, tmp_path / "refused", *options).returncode == 2
+    # What the workers, the baselines' fit and validation really put there fits what was asked for.
+    out = tmp_path / "run"
+    done = train_with_shm(needed + 1, shard_dir, out, *options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoint_step(out / "last.pt") == 2
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("val") == 2 and "baseline" in kinds
+
+
+def test_the_gpu_script_runs_every_part_tiny_on_the_cpu_and_stops_at_once_without_a_gpu():
+    script = [sys.executable, str(ROOT / "bench" / "gpu.py")]
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # as on a machine without one, also on one with
+    refused = subprocess.run(script, capture_output=True, text=True, timeout=120, cwd=ROOT, env=hidden)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("bench/gpu.py: error: no CUDA GPU visible") and len(refused.stderr.splitlines()) == 1
+
+    done = subprocess.run([*script, "--device", "cpu", "--workers", "2"], capture_output=True, text=True,
+                          timeout=540, cwd=ROOT, env=hidden)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = done.stdout.splitlines()
+    report = json.loads(line)
+    model = report["model_only"]
+    assert all(model[f"{name}_samples_per_s"] > 0 for name in ("benchmark_off", "benchmark_on", "compile")), model
+    assert model["preflight_estimate_gib"] > 0
+    run = report["pipeline"]["2"]
+    assert run["windows"] == 1 and run["samples_per_s"] > 0 and 0 <= run["data_wait"] < 1, run
+    assert run["loader_decode_ms"] > 0
+    assert report["sigterm_resume"] == {"status": 143, "stopped_at": report["sigterm_resume"]["stopped_at"],
+                                        "resumed_to": report["sigterm_resume"]["stopped_at"] + 2, "ok": True}
+    group = report["nccl_group"]
+    assert group["ok"] and group["backend"] == "gloo" and len(group["ddp_losses"]) == 2, group

@@ -16,6 +16,7 @@ import convert_zips
 from pipeline import schema
 from pipeline.index import build_index
 from pipeline.shardreader import read_samples
+from seedzips.storage import sha256_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +57,7 @@ def test_the_converter_writes_an_index_beside_each_shard_listed_in_the_manifest(
         index_path = shard_dir / schema.index_name(entry["name"])
         data = index_path.read_bytes()
         assert entry["index"] == {"name": schema.index_name(entry["name"]), "bytes": len(data),
-                                  "sha256": convert_zips._sha256(index_path)}
+                                  "sha256": sha256_of(index_path)}
         index = _read_index(index_path)
         assert index == _expected_index(shard)
         assert len(index.keys) == entry["samples"] and index.shard_bytes == entry["bytes"]

@@ -3,7 +3,8 @@
 The few numbers the ranks agree on as they go (a stop flag every step, log sums, skip counts)
 are host numbers and travel over gloo, also on GPUs: an NCCL all-reduce of them would make
 the host wait for the GPU to finish the step's queued work before it could read the answer,
-once per step.
+once per step. The per-step one (the stop vote) is moreover agreed a step late (all_max_a_step_late),
+so that no rank waits for the others at every step.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ from . import UserError
 from .options import uses_cuda
 
 _host_group = None  # the gloo group of all ranks for host numbers (None: the default group is gloo)
+_vote = None  # (work, tensor) of the all-reduce all_max_a_step_late started last, not waited for yet
 
 
 @dataclass(frozen=True)
@@ -44,16 +46,24 @@ def setup(device_choice: str) -> Context:
         ctx = Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     else:
         local_rank = int(os.environ["LOCAL_RANK"])
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            global _host_group
-            _host_group = dist.new_group(backend="gloo")
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        join_group(device)
         ctx = Context(dist.get_rank(), dist.get_world_size(), device)
     configure_process(ctx.device)
     return ctx
+
+
+def join_group(device: torch.device) -> None:
+    """Join the process group torchrun's variables describe: NCCL with a gloo group beside it for
+    the host numbers on a GPU, gloo alone on the CPU. (setup calls it for WORLD_SIZE > 1 only;
+    bench/gpu.py builds a 1-GPU group with it.)"""
+    global _host_group
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+        _host_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
 
 
 def configure_process(device: torch.device) -> None:
@@ -74,6 +84,7 @@ def configure_process(device: torch.device) -> None:
 def teardown() -> None:
     global _host_group
     if dist.is_initialized():
+        finish_vote()
         dist.destroy_process_group()
     _host_group = None
 
@@ -94,6 +105,39 @@ def all_sum(values: list[float]) -> list[float]:
 def all_max(values: list[float]) -> list[float]:
     """The largest of each of a few host numbers over all ranks (identity without a process group)."""
     return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def all_max_a_step_late(values: list[float]) -> list[float]:
+    """all_max of the `values` this rank passed at its previous call (zeros at its first), while
+    this call's all-reduce goes on in the background until the next call waits for it.
+
+    A blocking all-reduce is a host barrier: every rank waits for the slowest one, and across
+    nodes for O(ranks) TCP latency, once per step. This one overlaps a whole step, so a rank
+    waits only for a peer that is more than a step behind. Every rank calls it once per step
+    (the same number of calls, in the same order among the other collectives), so every rank
+    gets the same answer at the same call: they still act on a vote together, a step after it
+    was cast. Without a process group there is nothing to agree on: `values` come back at once.
+    """
+    global _vote
+    if not dist.is_initialized():
+        return [float(value) for value in values]
+    agreed = [0.0] * len(values)
+    if _vote is not None:
+        work, tensor = _vote
+        work.wait()
+        agreed = tensor.tolist()
+    tensor = torch.tensor(values, dtype=torch.float64)
+    _vote = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group, async_op=True), tensor)
+    return agreed
+
+
+def finish_vote() -> None:
+    """Wait for the all-reduce all_max_a_step_late left in flight (every rank started it at the
+    same call, so it completes); the next call starts afresh, as the first one did."""
+    global _vote
+    if _vote is not None:
+        _vote[0].wait()
+    _vote = None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,6 @@
 """train.py's command line, grouped by topic, and the checks that need no data."""
 
 import argparse
-import json
 import math
 import os
 
@@ -9,20 +8,10 @@ import torch
 
 from model import LossWeights, UNetConfig, check_image_size
 from pipeline.cachelimit import parse_size
+from pipeline.clients import storage_option
 
 from . import UserError
 from .signals import DUPLICATE_WINDOW
-
-
-def storage_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE; VALUE is read as JSON when it parses (true, 3, {...}), else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def number(kind, *, least=None, above=None, below=None):

@@ -116,6 +116,13 @@ def _gib(size: float) -> str:
     return f"{size / 2**30:,.1f} GiB"
 
 
+def step_memory(config: UNetConfig, image_size: int, batch_size: int, *, training: bool,
+                amp_dtype: torch.dtype | None = None) -> int:
+    """The bytes check_memory estimates one step needs, margin included (bench/gpu.py sets a
+    GPU's measured peak beside it)."""
+    return int(_MARGIN * (_state_bytes(config, training) + _activation_bytes(config, image_size, batch_size, amp_dtype)))
+
+
 def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: torch.device, *,
                  training: bool, amp_dtype: torch.dtype | None = None, options: str) -> None:
     """Raise UserError when one step would need more memory than `device` has free, naming
@@ -127,7 +134,7 @@ def check_memory(config: UNetConfig, image_size: int, batch_size: int, device: t
     if state > free:  # checked first: the measurement below builds the model
         raise UserError(f"--width {config.width}: the model alone needs about {_gib(state)}; "
                         f"{device} has {_gib(free)} free")
-    needed = state + _MARGIN * _activation_bytes(config, image_size, batch_size, amp_dtype)
+    needed = step_memory(config, image_size, batch_size, training=training, amp_dtype=amp_dtype)
     if needed > free:
         step = "training step" if training else "prediction"
         raise UserError(f"{options} needs about {_gib(needed)} for one {step} (width {config.width}); "
