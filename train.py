@@ -21,8 +21,15 @@ Options, the run folder, every validation shard and the memory a step needs are 
 the first step. SIGTERM (preemption) or SIGINT (Ctrl-C) stops every rank after the same step,
 with last.pt saved and the workers ended (continue with --resume); a second signal 2 s or more
 after the first exits at once, without saving (training/signals.py).
-Exit status: 0 done; 2 bad input (one `train.py: error:` line); 128 + the signal number when
-stopped by one: 143 for SIGTERM, 130 for SIGINT.
+The loader's workers are watched while a step waits for data: a dead one (the OOM killer, a
+SIGBUS on a full /dev/shm) is replaced where the epoch stands, with the same batches, and a
+wait of --stall-warn seconds is reported naming the worker and what it reads; a SIGTERM/SIGINT
+during such a wait saves last.pt at the last finished step.
+Exit status: 0 done; 2 bad input (one `train.py: error:` line), or data that stopped coming:
+workers that died more than --worker-restarts times in a pass, or no batch for --data-timeout
+seconds (one `train.py: error:` line naming the worker, last.pt saved at the last finished
+step, continue with --resume); 128 + the signal number when stopped by one: 143 for SIGTERM,
+130 for SIGINT.
 """
 
 import os
@@ -37,6 +44,7 @@ from tqdm import tqdm
 
 from model import LossWeights, UNet, UNetConfig, count_parameters
 from pipeline import PipelineError
+from pipeline.errors import WaitStopped
 from training import UserError, baselines, checkpoint, distributed, preflight, signals, valsources
 from training.logger import RunLogger, Window, count_window, window_record
 from training.options import LOSS_TERMS, parse_args
@@ -54,7 +62,8 @@ def open_data(args, ctx: distributed.Context, amp_dtype):
     loader_args = dict(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
                        scaled_decode=args.scaled_decode, seed=args.seed,
                        storage_options=args.storage_options, retries=args.retries, cache_dir=args.cache_dir,
-                       cache_limit=args.cache_limit,
+                       cache_limit=args.cache_limit, max_restarts=args.worker_restarts,
+                       stall_warn=args.stall_warn, data_timeout=args.data_timeout,
                        pin_memory=ctx.device.type == "cuda")
     train_urls, train_data, val_urls, val_data = preflight.check_training(args, ctx, loader_args, amp_dtype)
     if ctx.is_main:
@@ -160,11 +169,7 @@ def train_epoch(setup: Setup, progress: Progress, logger: RunLogger, window: Win
         # A signal's grace period (SLURM, Kubernetes: ~30 s) is for saving, not for a validation pass.
         improved = False
         if setup.val_data and (progress.step % args.val_every == 0 or last) and not (stop and stop.signum):
-            try:
-                improved = validate(setup, progress, logger)
-            except (UserError, PipelineError):  # the steps since the last save are not lost with it
-                save_checkpoints(setup, progress, best=False, last=True)
-                raise
+            improved = validate(setup, progress, logger)
         save_checkpoints(setup, progress, best=improved, last=progress.step % args.save_every == 0 or last)
     if stop and stop.signum:  # end the workers now, or `batches`' shutdown would wait for batches nobody wants
         signals.stop_workers()
@@ -179,20 +184,29 @@ def train(setup: Setup, progress: Progress, logger: RunLogger) -> int:
               f"{setup.ctx.world_size} ranks) on {setup.ctx.device}, amp {setup.amp_dtype}")
     started, stop = time.monotonic(), None
     window = Window()  # from now: setup and resume are not in the first samples/s
-    # Closed however the loop ends, so an error line does not land on the end of a progress bar.
-    with tqdm(total=total_steps, initial=progress.step, unit="step", disable=not setup.ctx.is_main,
-              dynamic_ncols=True) as bar:
-        while progress.step < total_steps and stop is None:
-            # Epoch after epoch from the same workers, which make epoch e+1 while e ends, unless
-            # the run ends in this pass.
-            loader = setup.train_data.epoch(**progress.pass_start())
-            if total_steps - progress.step <= len(loader):
-                loader = setup.train_data.epoch(**progress.pass_start(), chain=False)
-            stop = train_epoch(setup, progress, logger, window, loader, bar, started)
-    signum = stop.signum if stop else 0
-    # --- final evaluation and checkpoint ---
-    if setup.val_data and progress.last_validated != progress.step and not signum:
-        save_checkpoints(setup, progress, best=validate(setup, progress, logger), last=False)
+    try:
+        # Closed however the loop ends, so an error line does not land on the end of a progress bar.
+        with tqdm(total=total_steps, initial=progress.step, unit="step", disable=not setup.ctx.is_main,
+                  dynamic_ncols=True) as bar:
+            while progress.step < total_steps and stop is None:
+                # Epoch after epoch from the same workers, which make epoch e+1 while e ends, unless
+                # the run ends in this pass.
+                loader = setup.train_data.epoch(**progress.pass_start())
+                if total_steps - progress.step <= len(loader):
+                    loader = setup.train_data.epoch(**progress.pass_start(), chain=False)
+                stop = train_epoch(setup, progress, logger, window, loader, bar, started)
+        signum = stop.signum if stop else 0
+        # --- final evaluation and checkpoint ---
+        if setup.val_data and progress.last_validated != progress.step and not signum:
+            save_checkpoints(setup, progress, best=validate(setup, progress, logger), last=False)
+    except WaitStopped:  # a stop signal while waiting for data: the weights are the last finished step's
+        save_checkpoints(setup, progress, best=False, last=True)
+        signals.stop_workers()
+        return setup.stop_request.signum
+    except (UserError, PipelineError):  # data that stopped coming, a validation that failed: the
+        save_checkpoints(setup, progress, best=False, last=True)  # steps since the last save are kept
+        signals.stop_workers()  # a stalled (stopped) worker would outlast its pool's shutdown
+        raise
     return signum
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import batchmemory, cache
+from pipeline import batchmemory, cache, heartbeat
 from pipeline.augment import draw, sample_rng
 from pipeline.batchmemory import AUG, BatchBuffers
 from pipeline.decode import CHANNELS, BadSample, Decoder, check
@@ -72,6 +72,7 @@ class Record:
 def _samples(share: Share, options: LoaderOptions, shards: tuple[ShardInfo, ...]):
     for shard, start, stop in share.ranges:
         info = shards[shard]
+        heartbeat.reading_range(shard, start, stop)
         yield from read_samples(info.url, start, stop, options.storage_options, retries=options.retries,
                                 retry_wait=options.retry_wait, info=info, cache_dir=options.cache_dir,
                                 cache_limit=options.cache_limit)
@@ -91,6 +92,7 @@ class _ShareBatcher:
         self.cached = cache.counters()  # as of the last record: each says what was counted since
 
     def _next(self):
+        heartbeat.stage(heartbeat.READING)
         started = time.perf_counter()
         sample = next(self.samples, None)
         self.read_seconds += time.perf_counter() - started
@@ -124,6 +126,7 @@ class _ShareBatcher:
             if arrays is None:
                 check(sample.members)
             else:
+                heartbeat.stage(heartbeat.DECODING)
                 n = len(keys)
                 self.decoder.decode_into(sample.members, {name: arrays[name][n] for name in CHANNELS})
                 if self.options.train:

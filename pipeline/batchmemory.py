@@ -16,6 +16,7 @@ shared memory for that batch instead: slower, never a wait.
 
 import functools
 import itertools
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 from pipeline import schema
 from pipeline.augment import AUG_FIELDS
 from pipeline.decode import CHANNELS
+from pipeline.errors import PipelineError
 
 # Batch fields (the API) of the four shard images, their channels, and the draws' field.
 FIELDS = {schema.BG: "bg", schema.BGFG: "bgfg", schema.MASK: "mask", schema.DEPTH: "depth"}
@@ -90,6 +92,23 @@ class Claim:
     fresh: torch.Tensor | None
 
 
+SHARED_MEMORY = "/dev/shm"  # where shm_open, and so torch's shared memory, puts its files on Linux
+
+
+def _check_room(size: int) -> None:
+    """Raise PipelineError when /dev/shm cannot hold `size` more bytes: shared memory is given
+    its pages on first touch, and a page a full tmpfs cannot give is a SIGBUS in whichever
+    process touches it (a worker then, a restart after it: pipeline.passes), not an error."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except OSError:  # not Linux, or no /dev/shm: nothing to check
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < size:
+        raise PipelineError(f"{SHARED_MEMORY} is full: {free / 2**20:,.1f} MiB free, the loader's batch buffers "
+                            f"need {size / 2**20:,.1f} MiB more (in Docker, give --shm-size more room)")
+
+
 def _new_bytes(size: int, shared: bool) -> torch.Tensor:
     """`size` uninitialised bytes, in shared memory when `shared`.
 
@@ -101,6 +120,7 @@ def _new_bytes(size: int, shared: bool) -> torch.Tensor:
     hangs for good inside libgomp; it would also touch every page of the buffers up front."""
     if not shared:
         return torch.empty(size, dtype=torch.uint8)
+    _check_room(size)
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size), 0, (size,))
 
 

@@ -1,11 +1,18 @@
-"""How the pipeline reports trouble: the one exception type it raises for bad input or
-unreadable storage, and warnings said once per process."""
+"""How the pipeline reports trouble: the one exception type it raises for bad input,
+unreadable storage or workers it cannot keep alive, the one for a wait given up on a stop
+request, and warnings said once per process."""
 
 import logging
 
 
 class PipelineError(RuntimeError):
-    """A pattern, URL, shard or option the pipeline cannot use; the message names it."""
+    """A pattern, URL, shard or option the pipeline cannot use, or workers that keep dying or
+    stall; the message names it."""
+
+
+class WaitStopped(Exception):
+    """A pass gave up waiting for a batch: the process was asked to stop
+    (pipeline.passes.stop_waiting_when)."""
 
 
 _said: set[tuple] = set()

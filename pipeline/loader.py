@@ -41,7 +41,6 @@ The data path, stage by stage: what the stream is after each, and where it runs.
 
 import ctypes
 import dataclasses
-import functools
 import logging
 import signal
 import sys
@@ -54,11 +53,11 @@ from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.decode import Decoder
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
-from pipeline.passes import Pass
+from pipeline.passes import Pass, Patience
 from pipeline.plan import batches_to_skip, epoch_runs, samples_in
 from pipeline.shardreader import ShardInfo, prepare_shards
 from pipeline.sources import shard_basename
-from pipeline.workers import BUFFERS_PER_WORKER, WorkerPool
+from pipeline.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -185,8 +184,7 @@ class Pipeline:
             self.close()
             self.source = _Source(self.options, self.source.shards, self.source.mix, continued)
         if self._pool is None:
-            buffers = BatchBuffers(self._layout, self.options.processes, BUFFERS_PER_WORKER, shared=self.workers > 0)
-            self._pool = WorkerPool(functools.partial(self.source, buffers), buffers, workers=self.workers,
+            self._pool = WorkerPool(self.source, self._layout, workers=self.workers, shards=self.source.shards,
                                     pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
         last = self._pass
         if self.train and last is not None and last.goes_on_into(epoch, start_batch, chain):
@@ -194,8 +192,12 @@ class Pipeline:
         else:
             if last is not None:
                 last.discard()
+            options = self.options
+            patience = Patience(restarts=options.max_restarts, stall_warn=options.stall_warn,
+                                data_timeout=options.data_timeout, processes=options.processes)
             self._pass = Pass(self._pool, generation=self._pool.start(epoch, start_batch, chain), epoch=epoch,
-                              start_batch=start_batch, batches_per_epoch=batches, chain=chain)
+                              start_batch=start_batch, batches_per_epoch=batches, chain=chain,
+                              patience=patience)
         return self._pass
 
 
@@ -208,7 +210,7 @@ class Loader:
     pass: key, shard, reason) and ``stats``: counts (batches, samples, skipped), the workers'
     seconds on each of pipeline.batches.STAGES as ``read_s``, ``decode_s``, ``fit_s`` (summed
     over workers, for the batches delivered so far) and ``wait_s``, the time this process
-    waited for the next batch; with a cache_dir also ``cache_hits``, ``cache_misses``,
+    waited for the next batch, ``restarts`` (of the workers, after deaths: pipeline.passes); with a cache_dir also ``cache_hits``, ``cache_misses``,
     ``cache_evictions`` (the workers' counts, pipeline.cache.counters) and ``cache_bytes``
     (what the folder holds, as of the last batch that changed a count).
     """
@@ -233,7 +235,8 @@ class Loader:
         self.stats = self._zero_stats()
 
     def _zero_stats(self) -> dict:
-        stats = {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0}
+        stats = {"batches": 0, "samples": 0, "skipped": 0, **{f"{stage}_s": 0.0 for stage in STAGES}, "wait_s": 0.0,
+                 "restarts": 0}
         if self._cache_dir is not None:
             stats.update({f"cache_{name}": 0 for name in cache.COUNTS}, cache_bytes=cachelimit.bytes_under(self._cache_dir))
         return stats
@@ -257,7 +260,7 @@ class Loader:
                                              self.batches_per_epoch)
         try:
             for record in this_pass.records():
-                self.stats["wait_s"] = this_pass.wait_seconds
+                self.stats["wait_s"], self.stats["restarts"] = this_pass.wait_seconds, this_pass.restarts
                 for entry in record.skipped:
                     log.warning("skipped sample %r of %s: %s", entry["key"], entry["shard"], entry["reason"])
                 self.skipped.extend(record.skipped)
@@ -298,7 +301,8 @@ def make_loader(urls, *, epoch: int | None = None, start_batch: int = 0, state: 
     once, train none twice and drops at most world_size x batch_size more);
     options: the keyword arguments of pipeline.options.LoaderOptions (batch_size and workers
     required; image_size, train, seed, storage_options, rank, world_size, pin_memory,
-    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit), as Pipeline takes them.
+    shuffle_buffer, shard_sizes, retries, retry_wait, cache_dir, cache_limit, max_restarts, stall_warn,
+    data_timeout), as Pipeline takes them.
     Every rank gets len(loader) batches; train drops each rank's last partial batch and
     shuffles, eval yields every sample once. Bad samples are replaced by spares; when those
     run out (or a shard ends early) batches shrink, even to empty, but never repeat a sample or

@@ -32,6 +32,10 @@ class LoaderOptions:
     least recently used copy no process reads is evicted to make room (pipeline.cachelimit).
     samples_per_epoch: an epoch's size for a mixture of (urls, weight) sources (None: their
     total; pipeline.mixture).
+    max_restarts: worker deaths a pass survives (each restarts the workers where the pass
+    stands); the next one is a PipelineError. stall_warn: seconds without the batch a pass waits
+    for before a line names the worker, what it reads and does (again at each doubling);
+    data_timeout: seconds before that is a PipelineError (None: never, for either).
     """
 
     batch_size: int
@@ -51,6 +55,9 @@ class LoaderOptions:
     cache_dir: str | os.PathLike | None = None
     cache_limit: int | None = None
     samples_per_epoch: int | None = None
+    max_restarts: int = 3
+    stall_warn: float | None = 60.0
+    data_timeout: float | None = None
 
     @property
     def processes(self) -> int:
@@ -61,9 +68,12 @@ class LoaderOptions:
         """These options checked (PipelineError naming a bad one), with rank and world_size
         found, storage_options a dict and cache_dir a str."""
         for name, least in (("batch_size", 1), ("workers", 0), ("image_size", 1), ("shuffle_buffer", 1),
-                            ("retries", 0)):
+                            ("retries", 0), ("max_restarts", 0)):
             if getattr(self, name) < least:
                 raise PipelineError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        for name in ("stall_warn", "data_timeout"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise PipelineError(f"{name} must be a number of seconds > 0 (or None), got {getattr(self, name)}")
         if self.cache_limit is not None:
             if self.cache_dir is None:
                 raise PipelineError("cache_limit needs a cache_dir to bound")

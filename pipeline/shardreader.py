@@ -13,7 +13,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 
-from pipeline import cache, schema
+from pipeline import cache, heartbeat, schema
 from pipeline.clients import is_local
 from pipeline.errors import PipelineError, warn_once
 from pipeline.index import count_local_samples, decoded, index_url, load_index
@@ -59,6 +59,7 @@ def _indexed(url, source, index, start, stop, storage_options, want, retries, re
                 # The sample's bytes in one read, parsed in memory: a tenth of the cost of
                 # parsing its headers through the stream, and the next sample starts right after.
                 size = index.offsets[number + 1] - offset
+                heartbeat.reading_sample(number, offset, offset + size)
                 data = stream.read(size)
                 try:
                     if len(data) != size:

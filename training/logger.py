@@ -17,14 +17,14 @@ except ImportError:  # tensorboard is optional
 
 # The loader's stats a window adds up: its stages' seconds, and its cache's counts (with a cache_dir).
 CACHE_COUNTS = tuple(f"cache_{name}" for name in cache.COUNTS)
-_COUNTED = tuple(f"{stage}_s" for stage in STAGES) + CACHE_COUNTS
+_COUNTED = tuple(f"{stage}_s" for stage in STAGES) + CACHE_COUNTS + ("restarts",)
 
 
 class Window:
     """Totals since the last log line: loss summed over samples (a device tensor), samples,
     data wait, the loader's worker seconds per stage (`loader`, by pipeline.batches.STAGES),
-    its cache's counts (`cache`, by CACHE_COUNTS) and the bytes its cache_dir held when last
-    seen (`cache_bytes`; None without one)."""
+    its cache's counts (`cache`, by CACHE_COUNTS), the bytes its cache_dir held when last
+    seen (`cache_bytes`; None without one) and its workers' restarts (`worker_restarts`)."""
 
     def __init__(self):
         self._followed, self._seen, self.cache_bytes = None, {}, None
@@ -36,6 +36,7 @@ class Window:
         self.loss, self.samples, self.data_wait = 0.0, 0, 0.0
         self.loader = dict.fromkeys(STAGES, 0.0)
         self.cache = dict.fromkeys(CACHE_COUNTS, 0)
+        self.worker_restarts = 0
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -54,6 +55,8 @@ class Window:
             added, self._seen[name] = now - self._seen[name], now
             if name in self.cache:
                 self.cache[name] += added
+            elif name == "restarts":
+                self.worker_restarts += added
             else:
                 self.loader[name.removesuffix("_s")] += added
         self.cache_bytes = loader.stats.get("cache_bytes")
@@ -112,7 +115,8 @@ def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: di
     rank's loader spent its time: loader_<stage>_ms for each of pipeline.batches.STAGES, worker
     milliseconds per sample summed over the workers, so a slow step shows whether the data or
     the model held it up, and which stage of the data; with a cache_dir, this rank's loader's
-    cache_hits, cache_misses and cache_evictions in the window and cache_bytes, the folder's bytes.
+    cache_hits, cache_misses and cache_evictions in the window and cache_bytes, the folder's bytes;
+    worker_restarts, the times this rank's loader restarted its workers in the window (after deaths).
     """
     seconds = window.seconds()
     local_samples = max(window.samples, 1)
@@ -120,5 +124,5 @@ def window_record(window: Window, totals: WindowTotals, *, epoch: int, terms: di
             **{k: float(v) for k, v in (terms or {}).items()}, "lr": lr,
             "samples_per_s": totals.samples / seconds, "data_wait": window.data_wait / seconds,
             **{f"loader_{stage}_ms": 1000 * window.loader[stage] / local_samples for stage in STAGES},
-            "skipped": skipped,
+            "skipped": skipped, "worker_restarts": window.worker_restarts,
             **({} if window.cache_bytes is None else {**window.cache, "cache_bytes": window.cache_bytes})}

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  python train.py --shards 'shards/batch-{1..20}.tar' --out runs/exp1 --resume --steps 20000\n"
         "  torchrun --nproc_per_node=8 train.py --shards 's3://bucket/shards/batch-{1..20}.tar' --out runs/exp1\n"
         "  (multi-node: torchrun --nnodes=N --node_rank=K --master_addr=HOST0 --master_port=29500 ...)\n\n"
-        "exit status: 0 done; 2 bad input (one 'train.py: error:' line, checked before the first step);\n"
+        "exit status: 0 done; 2 bad input (one 'train.py: error:' line, checked before the first step), or\n"
+        "  data that stopped coming (workers that keep dying, --data-timeout): one line, last.pt saved;\n"
         "  143 (SIGTERM) or 130 (SIGINT): stopped by the signal after the current step, last.pt saved,\n"
         f"  continue with --resume; a second signal {DUPLICATE_WINDOW:g} s or more after the first exits at once,\n"
         "  without saving, with the same status",
@@ -132,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-limit", type=size,
                       help="bytes --cache-dir may hold, e.g. 50GB, 1.5TB, 500MB (decimal) or 512MiB (binary); "
                       "the least recently used shard no process reads is evicted to make room")
+    data.add_argument("--worker-restarts", type=COUNT, default=3,
+                      help="loader worker deaths (OOM killer, SIGBUS on a full /dev/shm, a crash) a pass survives, "
+                      "each restarting the workers where it stands; the next ends the run (status 2, last.pt saved)")
+    data.add_argument("--stall-warn", type=number(float, above=0), default=60.0,
+                      help="seconds without a batch before a line names the loader worker, what it reads and does "
+                      "(again at each doubling of the wait)")
+    data.add_argument("--data-timeout", type=number(float, above=0),
+                      help="seconds without a batch that end the run (status 2, last.pt saved); default: wait")
     data.add_argument(
         "--storage-option",
         dest="storage_options",

@@ -9,6 +9,10 @@ exits at once, without saving, with the same status.
 One signal often arrives more than once: a terminal's Ctrl-C and SLURM's scancel reach every
 process of the job, and torchrun forwards what it receives to its ranks as well. So a repeat
 within DUPLICATE_WINDOW seconds of the first counts as the same request.
+
+A step that waits for data (workers stalled, or stopped) is not waited for: the request ends
+the loader's wait too (pipeline.passes.stop_waiting_when, checked every second), and train.py
+saves last.pt at the last finished step.
 """
 
 import multiprocessing
@@ -17,6 +21,8 @@ import signal
 import socket
 import threading
 import time
+
+from pipeline.passes import stop_waiting_when
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DUPLICATE_WINDOW = 2.0  # seconds
@@ -63,13 +69,18 @@ class StopRequest:
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         self._watcher = threading.Thread(target=self._watch, name="stop-signals", daemon=True)
         self._watcher.start()
+        self._previous_check = stop_waiting_when(lambda: self.signum != 0)
         return self
 
     def __exit__(self, *exc_info) -> None:
+        stop_waiting_when(self._previous_check)
         signal.set_wakeup_fd(self._previous_fd)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._writer.close()  # the watcher reads the end of the stream and returns
+        # The watcher reads the end of the stream and returns. Shut down, not only closed: the
+        # loader's workers, forked from this process, hold copies of the socket.
+        self._writer.shutdown(socket.SHUT_RDWR)
+        self._writer.close()
         self._watcher.join()
         self._reader.close()
 
