@@ -18,18 +18,14 @@ previews/step-N.png, and .lock, which keeps a second run out while this one is a
 `python train.py --help` for every option.
 
 Options, the run folder, every validation shard and the memory a step needs are checked before
-the first step. SIGTERM (preemption) or SIGINT (Ctrl-C) stops every rank after the same step,
-with last.pt saved and the workers ended (continue with --resume); a second signal 2 s or more
-after the first exits at once, without saving (training/signals.py).
-The loader's workers are watched while a step waits for data: a dead one (the OOM killer, a
-SIGBUS on a full /dev/shm) is replaced where the epoch stands, with the same batches, and a
-wait of --stall-warn seconds is reported naming the worker and what it reads; a SIGTERM/SIGINT
-during such a wait saves last.pt at the last finished step.
-Exit status: 0 done; 2 bad input (one `train.py: error:` line), or data that stopped coming:
-workers that died more than --worker-restarts times in a pass, or no batch for --data-timeout
-seconds (one `train.py: error:` line naming the worker, last.pt saved at the last finished
-step, continue with --resume); 128 + the signal number when stopped by one: 143 for SIGTERM,
-130 for SIGINT.
+the first step. SIGTERM (preemption) or SIGINT (Ctrl-C) stops every rank after the same step, also
+while a step waits for data, with last.pt saved and the workers ended (continue with --resume);
+a second signal 2 s or more after the first exits at once, without saving (training/signals.py).
+A loader worker that dies (the OOM killer, SIGBUS on a full /dev/shm) is replaced where the epoch
+stands, with the same batches; --stall-warn seconds without data name the worker and its read.
+Exit status: 0 done; 2 bad input, or data that stopped coming (--worker-restarts deaths in a pass,
+--data-timeout): one `train.py: error:` line, last.pt saved for the latter; 128 + the signal's
+number when stopped by one: 143 for SIGTERM, 130 for SIGINT.
 """
 
 import os

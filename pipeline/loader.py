@@ -17,7 +17,7 @@ The data path, stage by stage: what the stream is after each, and where it runs.
   main process, a pass Pipeline.start_pass    -> a passes.Pass; a new pass bumps the workers'
                                               generation (workers.PassControl), a resumed or
                                               chained one goes on with what they are making
-  worker, per pass     _Source                (epoch, start batch) -> this worker's Share of the
+  worker, per pass     EpochSource            (epoch, start batch) -> this worker's Share of the
                                               epoch's plan (plan.plan_epoch; a continued epoch's:
                                               pipeline.elastic)
   worker               shardreader.read_samples  Share's shard ranges -> raw samples (ranged
@@ -39,76 +39,24 @@ The data path, stage by stage: what the stream is after each, and where it runs.
                                               four images at once (augment.apply)
 """
 
-import ctypes
 import dataclasses
 import logging
-import signal
-import sys
 
 import torch
 
 from pipeline import cache, cachelimit, elastic, mixture
-from pipeline.batches import STAGES, share_records
-from pipeline.batchmemory import BatchBuffers, Layout
-from pipeline.decode import Decoder
+from pipeline.batches import STAGES
+from pipeline.batchmemory import Layout
 from pipeline.errors import PipelineError
 from pipeline.options import LoaderOptions
 from pipeline.passes import Pass, Patience
-from pipeline.plan import batches_to_skip, epoch_runs, samples_in
-from pipeline.shardreader import ShardInfo, prepare_shards
+from pipeline.plan import samples_in
+from pipeline.shardreader import prepare_shards
 from pipeline.sources import shard_basename
+from pipeline.epochsource import EpochSource, init_worker
 from pipeline.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-def _init_worker(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # the workers are many already; intra-op threads only contend
-    # A worker ignores SIGTERM until its pool closes (pipeline.workers), so should the main
-    # process die first, let the kernel end the worker instead.
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class _Source:
-    """A worker's records for a pass (picklable, so spawned workers get it too): a chained train
-    pass goes on into the next epochs, so a worker makes epoch e+1 while the main process ends
-    epoch e; any other pass makes its one epoch and stops (nothing read for nothing).
-    `continued` = (epoch, prior segments): that epoch is the rest of one begun on other
-    topologies (pipeline.elastic); `mix`: the shards' pipeline.mixture.Mixture, or None."""
-
-    def __init__(self, options: LoaderOptions, shards: tuple[ShardInfo, ...], mix, continued=None):
-        self.options, self.shards, self.mix, self.continued = options, shards, mix, continued
-        self.sizes = [shard.samples for shard in shards]
-        self.segment = elastic.Segment(world_size=options.world_size, workers=options.processes,
-                                       batch_size=options.batch_size, shuffle_buffer=options.shuffle_buffer)
-        self._decoder = None  # one per process: made where it runs
-
-    def runs(self, epoch: int, prior: tuple = ()) -> tuple:
-        """The samples of `epoch` left after the `prior` segments, as (shard, start, stop) runs."""
-        train, seed = self.options.train, self.options.seed
-        epoch_of = epoch_runs if self.mix is None else self.mix.runs
-        runs = epoch_of(self.sizes, train=train, seed=seed, epoch=epoch)
-        return elastic.remaining(runs, prior, train=train, seed=seed, epoch=epoch) if prior else runs
-
-    def plan(self, epoch: int, prior: tuple = ()):
-        return elastic.plan_segment(self.runs(epoch, prior), self.segment, train=self.options.train)
-
-    def __call__(self, buffers: BatchBuffers, worker: int, epoch: int, start_batch: int, generation: int,
-                 chain: bool):
-        if self._decoder is None:
-            self._decoder = Decoder(self.options.image_size, scaled=self.options.scaled_decode)
-        skip = batches_to_skip(start_batch, worker, self.options.processes)
-        while True:
-            prior = self.continued[1] if self.continued and self.continued[0] == epoch else ()
-            share = self.plan(epoch, prior).shares[self.options.rank][worker]
-            yield from share_records(share, worker, epoch, options=self.options, shards=self.shards,
-                                     decoder=self._decoder, buffers=buffers, generation=generation, skip=skip)
-            if not (self.options.train and chain):
-                return
-            epoch, skip = epoch + 1, 0
-
-
 class Pipeline:
     """This rank's batches of one split (`train` or eval), pass after pass, from `workers`
     processes that live until close() (workers=0: made in this process).
@@ -134,7 +82,7 @@ class Pipeline:
             local_rank, local_ranks = cachelimit.local_ranks(options.world_size)
             cachelimit.check_limit(options.cache_dir, options.cache_limit, shards,
                                    readers=options.processes * local_ranks, warn=local_rank == 0)
-        self.source = _Source(options, tuple(shards), mix)
+        self.source = EpochSource(options, tuple(shards), mix)
         self.identity = elastic.identity([shard_basename(shard.url) for shard in shards], self.source.sizes,
                                          options, mixture=mix and mix.identity(self.source.sizes))
         plan = self.source.plan(0)  # batch counts are the same every epoch: they depend on the sizes only
@@ -182,10 +130,10 @@ class Pipeline:
         continued, current = ((epoch, prior) if prior else None), self.source.continued
         if continued != current and (continued is not None or current[0] == epoch):
             self.close()
-            self.source = _Source(self.options, self.source.shards, self.source.mix, continued)
+            self.source = EpochSource(self.options, self.source.shards, self.source.mix, continued)
         if self._pool is None:
             self._pool = WorkerPool(self.source, self._layout, workers=self.workers, shards=self.source.shards,
-                                    pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=_init_worker)
+                                    pin_memory=self.pin_memory and self.workers > 0, worker_init_fn=init_worker)
         last = self._pass
         if self.train and last is not None and last.goes_on_into(epoch, start_batch, chain):
             self._pass = last.followed_by(epoch, start_batch)
