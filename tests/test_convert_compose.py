@@ -17,7 +17,6 @@ from pipeline import schema
 from seedzips import compose, storage
 from test_compose import OPTIONS, _compose, _tree, depth_model, photos  # noqa: F401 (fixtures)
 from test_convert_remote import BUCKET, _storage_args, s3  # noqa: F401 (s3: a fixture)
-from test_remote import aws_env  # noqa: F401 (a fixture, used by s3)
 
 VAL_FRACTION = "0.34"  # one of the 3 backgrounds held out
 
