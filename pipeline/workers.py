@@ -1,21 +1,18 @@
 """Loader workers that live for the whole run, told through shared memory which pass to make.
 
-torch's DataLoader(persistent_workers=True) keeps its worker processes between iterations,
-but every new iteration starts with a reset that drains and drops what the workers had
-prefetched, and an iteration cannot be paused while another runs on the same workers. So a
-pool runs ONE DataLoader iteration for its whole life, over an endless sequence of batch
-records, and the main process announces a new pass (the next epoch out of sequence, a resume
-point, another validation) by bumping a generation number in shared memory. Each worker
-checks it before every batch and switches to the new pass's source; every record carries the generation it was
-made for, and the main process discards (and frees the memory of) records of an older one.
-A worker with nothing left to do waits on its doorbell for the next pass: no polling, and it
-wakes for a new pass, for close(), or (checking every second) when the main process is gone.
+torch's DataLoader(persistent_workers=True) keeps its workers between iterations, but each new
+iteration drains and drops what they had prefetched, and one cannot be paused while another
+runs. So a pool runs ONE DataLoader iteration for its whole life, over an endless sequence of
+batch records; the main process announces a new pass (an epoch out of sequence, a resume point,
+a validation) by bumping a generation number in shared memory, which each worker checks before
+every batch. Every record carries the generation it was made for, and the main process discards
+(and frees) records of an older one. An idle worker waits on its doorbell: no polling; it wakes
+for a new pass, for close(), or (every second) to see whether the main process is gone.
 
-A worker that dies (the OOM killer, a SIGBUS on a full /dev/shm, a crash) is noticed by the main
-process within a poll interval of its wait (next_record), and the pool can be restarted: new
-processes and new batch buffers, since the dead one may have left a buffer claimed or a lock of
-the old ones held. torch's SIGCHLD handler is taken out for that: it would raise in the main
-thread wherever it is (mid-step), where nothing can restart anything.
+A worker that dies (the OOM killer, SIGBUS on a full /dev/shm, a crash) is noticed within a poll
+interval of the main process's wait (next_record), and the pool restarts with new processes and
+new batch buffers (the dead one may have left a buffer claimed or a lock held). torch's SIGCHLD
+handler is taken out: it would raise in the main thread wherever it is (mid-step).
 """
 
 import atexit
