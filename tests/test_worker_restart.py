@@ -49,6 +49,14 @@ def restart_lines(stderr: str) -> list[str]:
     return re.findall(r"loader: worker \d \(pid \d+\) was killed by \w+.*restarting the workers.*", stderr)
 
 
+def assert_finished_after_one_restart(job, status: int, pid: int) -> None:
+    """The run ended well, having said one restart line, for the SIGKILL of worker `pid`."""
+    stderr = job.stderr.read_text()
+    assert status == 0, stderr[-3000:]
+    lines = restart_lines(stderr)
+    assert len(lines) == 1 and f"(pid {pid}) was killed by SIGKILL" in lines[0], stderr[-3000:]
+
+
 def batches_of(pipeline: Pipeline, epochs: int, kill_at=None) -> list:
     """Every batch of `epochs` passes as (keys, pixels, draws); at (epoch, batch) `kill_at`, worker 1
     is sent SIGKILL."""
@@ -92,10 +100,7 @@ def test_a_worker_killed_mid_epoch_under_train_py_is_restarted_and_the_weights_a
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         status = job.wait()
-    stderr = job.stderr.read_text()
-    assert status == 0, stderr[-3000:]
-    lines = restart_lines(stderr)
-    assert len(lines) == 1 and f"(pid {workers[1]}) was killed by SIGKILL" in lines[0], stderr[-3000:]
+    assert_finished_after_one_restart(job, status, workers[1])
     assert sum(r["worker_restarts"] for r in records(out, "train")) == 1
     assert run_train(shard_dir, tmp_path / "whole", *STEPS, "--no-val") == 0
     assert_same_checkpoint_weights(tmp_path / "whole" / "last.pt", out / "last.pt")
@@ -111,10 +116,7 @@ def test_a_validation_worker_killed_between_passes_is_restarted_and_validation_s
         assert len(training) == len(validation) == 2
         os.kill(validation[0], signal.SIGKILL)
         status = job.wait()
-    stderr = job.stderr.read_text()
-    assert status == 0, stderr[-3000:]
-    lines = restart_lines(stderr)
-    assert len(lines) == 1 and f"(pid {validation[0]}) was killed by SIGKILL" in lines[0], stderr[-3000:]
+    assert_finished_after_one_restart(job, status, validation[0])
     assert run_train(shard_dir, tmp_path / "whole", *schedule) == 0
     assert records(out, "val") and [{k: v for k, v in r.items() if k != "time"} for r in records(out, "val")] == \
         [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / "whole", "val")]
