@@ -44,16 +44,20 @@ def staging_folder(url: str, kind: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"seedzips-{kind}-{digest}")
 
 
-class Source:
-    """A seed-layout dataset, local or remote: listings, reads, and local copies for the writers."""
+class _Location:
+    """A local folder (`url` a path) or a URL (`fs` and `path` its fsspec client and path)."""
 
-    def __init__(self, dataset: str, storage_options: dict | None = None):
-        self.url = dataset
-        self.local = clients.is_local(dataset)
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.local = clients.is_local(url)
         if self.local:
-            self.url = dataset.removeprefix("file://")
+            self.url = url.removeprefix("file://")
         else:
-            self.fs, self.path = clients.client(dataset, storage_options)
+            self.fs, self.path = clients.client(url, storage_options)
+
+
+class Source(_Location):
+    """A seed-layout dataset, local or remote: listings, reads, and local copies for the writers."""
 
     def exists(self) -> bool:
         return os.path.isdir(self.url) if self.local else self.fs.isdir(self.path)
@@ -119,18 +123,12 @@ class Source:
             shutil.rmtree(staging_folder(self.url, "dataset"), ignore_errors=True)
 
 
-class Target:
+class Target(_Location):
     """An output folder or URL: shards published, records read and written, files checked."""
 
     def __init__(self, out: str, storage_options: dict | None = None):
-        self.url = out
-        self.local = clients.is_local(out)
-        if self.local:
-            self.url = out.removeprefix("file://")
-            self.staging = self.url
-        else:
-            self.fs, self.path = clients.client(out, storage_options)
-            self.staging = staging_folder(self.url, "shards")
+        super().__init__(out, storage_options)
+        self.staging = self.url if self.local else staging_folder(self.url, "shards")
 
     def prepare(self) -> None:
         """Make the folders; delete the shards an interrupted run left half-written locally."""
