@@ -78,6 +78,36 @@ META = "json"
 IMAGE_MEMBERS = (BG, BGFG, MASK, DEPTH)
 MEMBERS = IMAGE_MEMBERS + (META,)  # the order members are written in
 
+# Shard set formats (manifest "options.format"). compact, the default: a sample holds only its
+# own members (SAMPLE_MEMBERS: no background, no json) and its background is stored once per
+# shard set, in BACKGROUNDS beside the shards, as member background_key(bg_id) + "." + BG; the
+# sample's key names it (background_key_of). Each sample's provenance (the KEY.json fields) is
+# in the shard's sources file (sources_name), which the pipeline never reads. self-contained:
+# every sample carries all of MEMBERS, background and json included, for stock readers alone.
+COMPACT = "compact"
+SELF_CONTAINED = "self-contained"
+FORMATS = (COMPACT, SELF_CONTAINED)
+SAMPLE_MEMBERS = (BGFG, MASK, DEPTH)  # a compact sample's members, in write order
+BACKGROUNDS = "backgrounds.tar"
+SOURCES_SUFFIX = ".sources.json"
+
+
+def background_key(bg_id: int) -> str:
+    """The key of a background in BACKGROUNDS: the key rule applied to its seed file name
+    (bg/11_bg.jpg -> '11_bg', stored as '11_bg.bg.jpg')."""
+    return key_of(bg_name(bg_id))
+
+
+def background_key_of(key: str) -> str:
+    """The background a compact sample takes from BACKGROUNDS: '11_bg_5_fg' -> '11_bg'."""
+    return background_key(background_id(key))
+
+
+def sources_name(shard) -> str:
+    """The provenance file beside a compact shard: batch-1.tar -> batch-1.tar.sources.json."""
+    return os.fspath(shard) + SOURCES_SUFFIX
+
+
 MANIFEST = "manifest.json"
 TEMPORARY = ".tmp"  # suffix of a file being written; renamed away when complete
 TRAIN_PREFIX = "batch"
