@@ -1,7 +1,7 @@
 """Scaled JPEG decode: a 224 px member decoded by libjpeg at 1/2, 1/4 or 1/8 and then fitted
-is within JPEG-decoder tolerance of decoding it whole and resizing; masks stay 0/1, depth
-maps (grey, colour-mapped, half-size) keep their orientation and range; the same bytes give
-the same pixels; scaled_decode=False (train.py --no-scaled-decode) gives today's bytes."""
+is within JPEG-decoder tolerance of decoding it whole and resizing; masks, decoded whole, are
+the same 0/1 pixels; depth maps (grey, colour-mapped, half-size) keep their orientation and
+range; the same bytes give the same pixels; scaled_decode=False (train.py --no-scaled-decode) gives today's bytes."""
 
 import numpy as np
 import pytest
@@ -24,7 +24,6 @@ SIZES = (112, 64, 56, 48, 20)
 # its 99th percentile 1-12, the largest 69, at the pasted object's edges (libjpeg's reduced
 # inverse DCT is sharper there than the antialiased bilinear resize from full size).
 MEAN_TOLERANCE, P99_TOLERANCE, MAX_TOLERANCE = 2.0, 20, 96
-MIN_MASK_IOU = 0.8  # over all samples' pixels; measured 0.94-0.97, 0.86 at 20 px
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +78,19 @@ def test_scaled_decode_is_within_jpeg_tolerance_of_full_decode_and_resize(sample
     _, members = samples
     scaled, full = Decoder(size), Decoder(size, scaled=False)
     differences = {name: [] for name in (schema.BG, schema.BGFG, schema.DEPTH)}
-    intersection = union = 0
     for sample in members.values():
         got, want = _decode(scaled, sample, size), _decode(full, sample, size)
         for name, found in differences.items():
             found.append(np.abs(got[name].astype(int) - want[name].astype(int)).ravel())
-        assert set(np.unique(got[schema.MASK])) <= {0, 1}
-        ours, theirs = got[schema.MASK].astype(bool), want[schema.MASK].astype(bool)
-        intersection, union = intersection + (ours & theirs).sum(), union + (ours | theirs).sum()
+        # the mask is decoded whole either way: a reduced one moved thin parts (IoU 0.86-0.97)
+        assert set(np.unique(got[schema.MASK])) == {0, 1}
+        assert np.array_equal(got[schema.MASK], want[schema.MASK])
     for name, found in differences.items():
         found = np.concatenate(found)
         summary = f"{name} at {size}: mean {found.mean():.2f}, p99 {np.percentile(found, 99)}, max {found.max()}"
         assert found.mean() <= MEAN_TOLERANCE and np.percentile(found, 99) <= P99_TOLERANCE, summary
         assert found.max() <= MAX_TOLERANCE, summary
         assert found.mean() > 0, f"{summary}: scaled decode did not change anything"
-    assert intersection / union >= MIN_MASK_IOU, f"mask IoU {intersection / union:.3f} at {size}"
 
 
 @pytest.mark.parametrize("size", (64, 56))
