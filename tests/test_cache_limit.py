@@ -22,7 +22,7 @@ from folderwatch import FolderWatch
 
 import convert_zips
 import train
-from helpers import ROOT, tiny, wait_for
+from helpers import ROOT, TORCHRUN, tiny, wait_for
 from pipeline import Pipeline, PipelineError, cachelimit, make_loader, schema
 from seedzips import synthetic
 from seedzips.storage import sha256_of
@@ -175,21 +175,31 @@ def test_a_limit_below_the_largest_shard_is_one_line_before_the_first_batch(shar
 
 
 def test_a_limit_for_one_shard_but_not_four_at_once_trains_and_warns_once(shards, tmp_path):
+    """2 ranks x 2 workers under torchrun, one folder: the machine's first rank warns, once (the
+    other ranks share its folder and its count), and both ranks train to the end."""
     limit = _largest(shards) * 3 // 2
-    cache_dir, out = tmp_path / "cache", tmp_path / "run"
+    cache_dir, out, logs = tmp_path / "cache", tmp_path / "run", tmp_path / "rank-logs"
     with counting.http_server(shards) as server:
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--shards", f"{server.url}/batch-{{1..3}}.tar",
-                               "--out", str(out), *tiny(workers=4), "--steps", "8", "--no-val",
+        done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+                               "--redirects", "3", str(ROOT / "train.py"),
+                               "--shards", f"{server.url}/batch-{{1..3}}.tar", "--out", str(out),
+                               *tiny(batch_size=2, workers=2), "--steps", "8", "--no-val",
                                "--cache-dir", str(cache_dir), "--cache-limit", str(limit)],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+    rank_err = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert done.returncode == 0, (done.stderr[-2000:], rank_err)
+    assert sorted(rank_err) == ["0", "1"]
     # Split at carriage returns too: a progress bar may share the warning's line.
-    warnings = [line[line.index("cache_limit"):] for line in re.split("[\r\n]", done.stderr) if "cache_limit" in line]
+    warnings = {rank: [line[line.index("cache_limit"):] for line in re.split("[\r\n]", text) if "cache_limit" in line]
+                for rank, text in rank_err.items()}
     needed = 4 * _largest(shards)
-    assert warnings == [f"cache_limit {cachelimit.format_size(limit)} cannot hold the 4 files read at once on this "
-                        f"machine (one per worker of each rank) of up to {cachelimit.format_size(_largest(shards))} "
-                        f"each: that needs {cachelimit.format_size(needed)}; those that do not fit are read remotely"]
+    assert warnings == {"0": [f"cache_limit {cachelimit.format_size(limit)} cannot hold the 4 files read at once on "
+                              f"this machine (one per worker of each rank) of up to "
+                              f"{cachelimit.format_size(_largest(shards))} each: that needs "
+                              f"{cachelimit.format_size(needed)}; those that do not fit are read remotely"],
+                        "1": []}, (warnings, done.stderr[-2000:])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(line["step"] for line in lines) == 8
     assert all(0 <= line["cache_bytes"] <= limit for line in lines)
     assert sum(line["cache_hits"] + line["cache_misses"] for line in lines) >= 3
     _assert_copies_whole(cache_dir)
