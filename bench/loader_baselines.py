@@ -52,7 +52,8 @@ def _decode_range(job) -> int:
                 simplejpeg.decode_jpeg(members[name], space, strict=how == "strict")
             else:
                 height, width, _, _ = simplejpeg.decode_jpeg_header(members[name])
-                height, width = scaled_shape(height, width, (size, size))
+                if name != schema.MASK:  # as the pipeline: the mask whole (pipeline/decode.py)
+                    height, width = scaled_shape(height, width, (size, size))
                 simplejpeg.decode_jpeg(members[name], space, min_height=height, min_width=width, strict=how == "strict")
     return stop - start
 
