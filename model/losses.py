@@ -1,5 +1,5 @@
-"""Training losses: BCE + Dice (+ Lovasz hinge) for the mask, L1 + SSIM + image-gradient for
-the depth map."""
+"""Training losses: BCE + Dice (+ Lovasz hinge, + BCE near the outline) for the mask, L1 + SSIM +
+image-gradient for the depth map."""
 
 from dataclasses import asdict, dataclass
 
@@ -17,7 +17,7 @@ class LossWeights:
     ssim: float = 1.0
     grad: float = 1.0
     lovasz: float = 0.0  # the Lovasz hinge: a convex surrogate of 1 - IoU, sorted per image
-
+    edge: float = 0.0  # BCE again on the pixels near the mask's outline, where the IoU is lost
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +43,20 @@ def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     jaccard = 1 - (positives - truth.cumsum(1)) / (positives + (1 - truth).cumsum(1))
     weights = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
     return (F.relu(errors) * weights).sum(1).mean()
+
+
+EDGE_RADIUS = 2  # pixels either side of the outline that edge_bce counts
+
+
+def edge_bce(logits: torch.Tensor, target: torch.Tensor, radius: int = EDGE_RADIUS) -> torch.Tensor:
+    """BCE averaged over the band within `radius` pixels of the target's outline (its dilation
+    minus its erosion); 0 for a batch without any outline."""
+    window = 2 * radius + 1
+    dilated = F.max_pool2d(target, window, 1, radius)
+    eroded = -F.max_pool2d(-target, window, 1, radius)
+    band = dilated - eroded
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * band).sum() / band.sum().clamp(min=1)
 
 
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,5 +106,7 @@ def total_loss(
     }
     if weights.lovasz:  # a sort of every pixel: only when it counts
         terms["lovasz"] = lovasz_hinge(mask_logits, mask_target)
+    if weights.edge:
+        terms["edge"] = edge_bce(mask_logits, mask_target)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, to_input, total_loss
-from model.losses import gradient_loss, lovasz_hinge, ssim_loss
+from model.losses import edge_bce, gradient_loss, lovasz_hinge, ssim_loss
 
 
 def test_default_model_is_no_larger_than_the_original():
@@ -120,6 +120,25 @@ def test_the_lovasz_term_is_computed_only_when_it_has_a_weight():
     total, terms = total_loss(torch.zeros_like(mask), depth, mask, depth, LossWeights(
         bce=0, dice=0, l1=0, ssim=0, grad=0, lovasz=2))
     assert torch.isclose(total, 2 * terms["lovasz"]) and terms["lovasz"] > 0
+
+
+def test_edge_bce_counts_only_the_pixels_near_the_outline():
+    target = torch.zeros(1, 1, 16, 16)
+    target[..., 4:12, 4:12] = 1
+    logits = target * 8 - 4  # right everywhere, by a margin of 4
+    right = edge_bce(logits, target, radius=1)
+    far = logits.clone()
+    far[..., 0, 0] = far[..., 8, 8] = 4.0  # wrong, but more than a pixel from the outline
+    assert edge_bce(far, target, radius=1) == pytest.approx(right.item())
+    near = logits.clone()
+    near[..., 3, 8] = 4.0  # wrong, just outside the outline: 1 of the band's 10x10 - 6x6 = 64 pixels
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = right + (bce(torch.tensor(4.0), torch.tensor(0.0)) - bce(torch.tensor(-4.0), torch.tensor(0.0))) / 64
+    assert edge_bce(near, target, radius=1) == pytest.approx(expected.item(), rel=1e-5)
+    assert edge_bce(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)) == 0.0  # no outline, nothing to pay
+    assert "edge" not in total_loss(logits, target, target, target)[1]
+    total, terms = total_loss(logits, target, target, target, LossWeights(bce=0, dice=0, l1=0, ssim=0, grad=0, edge=3))
+    assert torch.isclose(total, 3 * terms["edge"])
 
 
 def test_difference_input_gives_the_stem_the_absolute_difference_of_the_halves():
