@@ -91,9 +91,9 @@ def _reusable(target: Target, header: dict) -> tuple[dict, dict | None]:
         if all(_intact(target, record) for record in _entry_files(entry, name, header)):
             done[name] = {field: entry[field] for field in ("bytes", "sha256", "index", "sources") if field in entry}
     backgrounds = old.get("backgrounds")
-    if not (isinstance(backgrounds, dict) and _intact(target, backgrounds) and _intact(target, backgrounds.get("index"))):
-        backgrounds = None
-    return done, backgrounds
+    if isinstance(backgrounds, dict) and _intact(target, backgrounds) and _intact(target, backgrounds.get("index")):
+        return done, backgrounds
+    return done, None
 
 
 def _manifest(header: dict, plan: list, entries: dict, backgrounds: dict | None, skipped: list,
