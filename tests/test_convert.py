@@ -18,24 +18,26 @@ import pytest
 import webdataset
 
 import convert_zips
+from conftest import SHARD_OPTIONS
 from helpers import ROOT, assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import compact, storage, tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
 
 
-def format_options(shard_options: dict, shard_format: str) -> dict:
-    """shard_options for a conversion in `shard_format`, whichever format shard_dir has."""
-    return {**shard_options, "self_contained": shard_format == schema.SELF_CONTAINED}
+def convert_options(shard_format: str) -> dict:
+    """convert() keywords: SHARD_OPTIONS in `shard_format`. These tests convert in each format
+    themselves, apart from the shard_dir and shard_options fixtures and their format."""
+    return {**SHARD_OPTIONS, "self_contained": shard_format == schema.SELF_CONTAINED}
 
 
 @pytest.fixture(scope="module")
-def shard_sets(seed_dataset, shard_options, tmp_path_factory) -> dict:
-    """{format: folder} of the seed_dataset converted in each format with shard_options."""
+def shard_sets(seed_dataset, tmp_path_factory) -> dict:
+    """{format: folder} of the seed_dataset converted in each format with convert_options."""
     folders = {}
     for shard_format in schema.FORMATS:
         folders[shard_format] = tmp_path_factory.mktemp(f"shards-{shard_format}")
-        convert_zips.convert(seed_dataset[0], folders[shard_format], **format_options(shard_options, shard_format))
+        convert_zips.convert(seed_dataset[0], folders[shard_format], **convert_options(shard_format))
     return folders
 
 
@@ -223,7 +225,7 @@ def _assert_record(out, record: dict, name: str) -> None:
     assert (record["bytes"], record["sha256"]) == (os.path.getsize(path), storage.sha256_of(path))
 
 
-def test_manifest_describes_every_file(converted, shard_options):
+def test_manifest_describes_every_file(converted):
     shard_format, out = converted
     manifest = read_manifest(out)
     assert manifest["complete"] is True and manifest["version"] == 3
@@ -252,7 +254,7 @@ def test_manifest_describes_every_file(converted, shard_options):
     assert set(os.listdir(out)) == files
     assert manifest["totals"]["samples"] == sum(e["samples"] for e in manifest["shards"])
     assert manifest["totals"]["bytes"] == sum(e["bytes"] for e in manifest["shards"])
-    assert manifest["options"]["val_fraction"] == shard_options["val_fraction"]
+    assert manifest["options"]["val_fraction"] == SHARD_OPTIONS["val_fraction"]
 
 
 def _tars(out) -> list:
@@ -326,9 +328,9 @@ def test_headers_are_tarfiles_own_ustar_headers():
         assert tarwriter.header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
-def test_two_runs_are_byte_identical_whatever_the_workers(seed_dataset, converted, shard_options, tmp_path):
+def test_two_runs_are_byte_identical_whatever_the_workers(seed_dataset, converted, tmp_path):
     shard_format, out = converted
-    convert_zips.convert(seed_dataset[0], tmp_path, **{**format_options(shard_options, shard_format), "workers": 1})
+    convert_zips.convert(seed_dataset[0], tmp_path, **{**convert_options(shard_format), "workers": 1})
     assert_same_folders(out, tmp_path)
 
 
@@ -345,9 +347,9 @@ def _killed_after_first_shard(dataset, out, options) -> None:
     convert_zips.convert(dataset, out, **options)
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(seed_dataset, converted, shard_options, tmp_path):
+def test_a_killed_run_resumes_to_the_uninterrupted_result(seed_dataset, converted, tmp_path):
     shard_format, out = converted
-    options = format_options(shard_options, shard_format)
+    options = convert_options(shard_format)
     child = multiprocessing.get_context("fork").Process(target=_killed_after_first_shard,
                                                         args=(seed_dataset[0], tmp_path, options))
     child.start()
@@ -363,10 +365,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(seed_dataset, converte
     assert_same_folders(out, tmp_path)
 
 
-def test_damaged_files_are_rewritten_and_other_options_start_over(seed_dataset, converted, shard_options,
+def test_damaged_files_are_rewritten_and_other_options_start_over(seed_dataset, converted,
                                                                   tmp_path, capsys):
     shard_format, made = converted
-    options = format_options(shard_options, shard_format)
+    options = convert_options(shard_format)
     out = tmp_path / "shards"
     shutil.copytree(made, out)
     shard = schema.shard_name(schema.TRAIN_PREFIX, 1)
@@ -384,12 +386,11 @@ def test_damaged_files_are_rewritten_and_other_options_start_over(seed_dataset, 
     assert_same_folders(fresh, out)
 
 
-def test_a_run_in_the_other_format_starts_over_and_leaves_none_of_the_first(seed_dataset, shard_sets,
-                                                                            shard_options, tmp_path, capsys):
+def test_a_run_in_the_other_format_starts_over_and_leaves_none_of_the_first(seed_dataset, shard_sets, tmp_path, capsys):
     out = tmp_path / "shards"
     shutil.copytree(shard_sets[schema.COMPACT], out)
-    argv = ["--dataset", str(seed_dataset[0]), "--out", str(out), "--val-fraction", str(shard_options["val_fraction"]),
-            "--seed", str(shard_options["seed"]), "--workers", str(shard_options["workers"])]
+    argv = ["--dataset", str(seed_dataset[0]), "--out", str(out), "--val-fraction", str(SHARD_OPTIONS["val_fraction"]),
+            "--seed", str(SHARD_OPTIONS["seed"]), "--workers", str(SHARD_OPTIONS["workers"])]
     for flags, expected in ((["--self-contained"], schema.SELF_CONTAINED), ([], schema.COMPACT)):
         assert convert_zips.main(argv + flags) == 0
         assert "starting over" in capsys.readouterr().err
