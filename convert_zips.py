@@ -5,12 +5,15 @@
 
 Writes batch-{1..N}.tar (training), val-{1..M}.tar (every sample of the held-out backgrounds),
 a byte index beside each shard (batch-1.tar.idx: where each sample starts, for ranged reads)
-and manifest.json. By default the shard set is compact: a sample holds KEY.bgfg.jpg,
-KEY.mask.jpg and KEY.depth.jpg; each background is stored once, in backgrounds.tar beside the
-shards (KEY 11_bg_5_fg takes 11_bg.bg.jpg), and each sample's provenance (the json a
-self-contained sample carries) is in batch-1.tar.sources.json. --self-contained writes every
-sample whole (KEY.bg.jpg and KEY.json too), for readers that cannot join a sample to its background. Samples are spread over the shards by a seeded permutation, so each shard
+and manifest.json. Samples are spread over the shards by a seeded permutation, so each shard
 mixes all zips. Shards appear only when complete, and a re-run resumes an interrupted job.
+
+By default the shard set is compact: a sample holds KEY.bgfg.jpg, KEY.mask.jpg and
+KEY.depth.jpg; each background is stored once, in backgrounds.tar beside the shards (sample
+11_bg_5_fg takes member 11_bg.bg.jpg), and the provenance a self-contained sample carries as
+KEY.json is in batch-N.tar.sources.json. --self-contained writes every sample whole (also
+KEY.bg.jpg and KEY.json), for readers that cannot join a sample to its background.
+
 --out and --dataset may be any fsspec URL (s3://, gs://, ...): shards are uploaded as they are
 finished and manifest.json last; a remote dataset's zips are indexed by ranged reads and
 downloaded once (see seedzips.storage).
@@ -41,8 +44,8 @@ def main(argv=None) -> int:
                         help="seed of the held-out choice and the shuffle (default 0)")
     parser.add_argument("--self-contained", action="store_true",
                         help="store each sample's background and json in its shard (5 members per sample, "
-                        "about 1.7x the bytes), for stock readers that cannot join a sample to "
-                        "backgrounds.tar; default: the compact format (bgfg, mask and depth per sample)")
+                        "1.7x the compact bytes on the seed), for stock readers that cannot join a sample to "
+                        "backgrounds.tar (default: the compact format, bgfg, mask and depth per sample)")
     parser.add_argument("--workers", type=int, help="processes writing shards (default: all cores)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an incomplete sample instead of skipping it")
