@@ -1,13 +1,9 @@
-"""convert_zips.py on generated data, in both shard set formats: round trip, splits, readers
-(GNU tar, stock webdataset, HF datasets, the README's join), reproducibility, resume, a format switch."""
+"""convert_zips.py on generated data, in both shard set formats: round trip, splits, the exact
+tar bytes, reproducibility (resume: test_convert_resume.py, readers: test_convert_readers.py)."""
 
 import io
 import json
-import multiprocessing
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,11 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import webdataset
 
 import convert_zips
 from conftest import SHARD_OPTIONS
-from helpers import ROOT, assert_same_folders, read_manifest
+from helpers import assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import compact, storage, tarwriter
 from seedzips.index import MEMBER_OF_FOLDER
@@ -257,70 +252,6 @@ def test_manifest_describes_every_file(converted):
     assert manifest["options"]["val_fraction"] == SHARD_OPTIONS["val_fraction"]
 
 
-def _tars(out) -> list:
-    """Every tar of a set, backgrounds.tar included, as {name: {key: {suffix: bytes}}}."""
-    tars = _samples(out)
-    if _format(out) == schema.COMPACT:
-        tars[schema.BACKGROUNDS] = {key: {schema.BG: data} for key, data in _backgrounds(out).items()}
-    return tars
-
-
-def test_stock_webdataset_and_gnu_tar_read_every_tar(converted):
-    _, out = converted
-    for name, samples in _tars(out).items():
-        path = os.path.join(out, name)
-        read = {s["__key__"]: s for s in webdataset.WebDataset(path, shardshuffle=False, empty_check=False)}
-        assert read.keys() == samples.keys()
-        assert all({suffix: read[k][suffix] for suffix in members} == members for k, members in samples.items())
-        listing = subprocess.run(["tar", "-tf", path], check=True, capture_output=True, text=True)
-        assert listing.stdout.split() == [n for n, _ in _read_shard(path)]
-        assert listing.stderr == ""
-
-
-def test_hf_datasets_reads_every_tar_from_local_files(converted, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    _, out = converted
-    for name, samples in _tars(out).items():
-        loaded = datasets.load_dataset("webdataset", data_files={"train": [str(out / name)]}, split="train",
-                                       cache_dir=str(tmp_path / "hf" / name))
-        suffixes = [c for c in loaded.column_names if not c.startswith("__")]
-        for suffix in set(suffixes) & set(schema.IMAGE_MEMBERS):  # the JPEGs' own bytes, not pictures
-            loaded = loaded.cast_column(suffix, datasets.Image(decode=False))
-        read = {row["__key__"]: row for row in loaded}
-        assert read.keys() == samples.keys()
-        for key, members in samples.items():
-            assert set(suffixes) == set(members)
-            for suffix, data in members.items():
-                if suffix == schema.META:
-                    assert read[key][suffix] == json.loads(data)
-                else:
-                    assert read[key][suffix]["bytes"] == data
-
-
-def _readme_join_snippet() -> str:
-    """The README's stock-webdataset join: the python block that defines with_backgrounds."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (snippet,) = [block for block in blocks if "def with_backgrounds" in block]
-    return snippet
-
-
-def test_the_readme_s_stock_webdataset_join_gives_the_self_contained_samples(shard_sets, tmp_path, monkeypatch):
-    compact_set, whole = shard_sets[schema.COMPACT], shard_sets[schema.SELF_CONTAINED]
-    monkeypatch.chdir(tmp_path)
-    os.symlink(compact_set, "shards")  # where the README's lines look
-    namespace = {}
-    exec(_readme_join_snippet(), namespace)  # noqa: S102 (the project's own README)
-    for name, samples in _samples(whole).items():
-        joined = {s["__key__"]: s for s in namespace["with_backgrounds"](f"shards/{name}")}
-        assert joined.keys() == samples.keys()
-        for key, members in samples.items():
-            assert {suffix: joined[key][suffix] for suffix in members if suffix != schema.META} == \
-                {suffix: data for suffix, data in members.items() if suffix != schema.META}
-
-
 def test_headers_are_tarfiles_own_ustar_headers():
     for name, size in (("1_bg_1_fg.bg.jpg", 0), ("100_bg_2000_fg.json", 511), ("x" * 100, 8 ** 11 - 1)):
         info = tarfile.TarInfo(name)
@@ -332,69 +263,6 @@ def test_two_runs_are_byte_identical_whatever_the_workers(seed_dataset, converte
     shard_format, out = converted
     convert_zips.convert(seed_dataset[0], tmp_path, **{**convert_options(shard_format), "workers": 1})
     assert_same_folders(out, tmp_path)
-
-
-def _killed_after_first_shard(dataset, out, options) -> None:
-    """Run in a forked child: convert, and SIGKILL this process once the manifest lists one shard."""
-    write_progress = storage.Target.write_progress
-
-    def write_then_maybe_die(target, record):
-        write_progress(target, record)
-        if record["shards"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    storage.Target.write_progress = write_then_maybe_die
-    convert_zips.convert(dataset, out, **options)
-
-
-def test_a_killed_run_resumes_to_the_uninterrupted_result(seed_dataset, converted, tmp_path):
-    shard_format, out = converted
-    options = convert_options(shard_format)
-    child = multiprocessing.get_context("fork").Process(target=_killed_after_first_shard,
-                                                        args=(seed_dataset[0], tmp_path, options))
-    child.start()
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
-    partial = read_manifest(tmp_path)
-    assert partial["complete"] is False and len(partial["shards"]) == 1
-    assert len(read_manifest(out)["shards"]) > 1
-    kept = [partial["shards"][0]["name"]] + ([schema.BACKGROUNDS] if shard_format == schema.COMPACT else [])
-    inodes = [os.stat(tmp_path / name).st_ino for name in kept]
-    convert_zips.convert(seed_dataset[0], tmp_path, **options)
-    assert [os.stat(tmp_path / name).st_ino for name in kept] == inodes  # kept, not rewritten
-    assert_same_folders(out, tmp_path)
-
-
-def test_damaged_files_are_rewritten_and_other_options_start_over(seed_dataset, converted,
-                                                                  tmp_path, capsys):
-    shard_format, made = converted
-    options = convert_options(shard_format)
-    out = tmp_path / "shards"
-    shutil.copytree(made, out)
-    shard = schema.shard_name(schema.TRAIN_PREFIX, 1)
-    damaged = [shard] + ([schema.BACKGROUNDS, schema.sources_name(schema.shard_name(schema.VAL_PREFIX, 1))]
-                         if shard_format == schema.COMPACT else [])
-    for name in damaged:
-        with open(out / name, "r+b") as f:
-            f.write(b"damaged")
-    convert_zips.convert(seed_dataset[0], out, **options)
-    assert_same_folders(made, out)
-    convert_zips.convert(seed_dataset[0], out, **{**options, "shards": 3, "seed": 1})
-    assert "starting over" in capsys.readouterr().err
-    fresh = tmp_path / "fresh"
-    convert_zips.convert(seed_dataset[0], fresh, **{**options, "shards": 3, "seed": 1})
-    assert_same_folders(fresh, out)
-
-
-def test_a_run_in_the_other_format_starts_over_and_leaves_none_of_the_first(seed_dataset, shard_sets, tmp_path, capsys):
-    out = tmp_path / "shards"
-    shutil.copytree(shard_sets[schema.COMPACT], out)
-    argv = ["--dataset", str(seed_dataset[0]), "--out", str(out), "--val-fraction", str(SHARD_OPTIONS["val_fraction"]),
-            "--seed", str(SHARD_OPTIONS["seed"]), "--workers", str(SHARD_OPTIONS["workers"])]
-    for flags, expected in ((["--self-contained"], schema.SELF_CONTAINED), ([], schema.COMPACT)):
-        assert convert_zips.main(argv + flags) == 0
-        assert "starting over" in capsys.readouterr().err
-        assert_same_folders(shard_sets[expected], out)
 
 
 def test_the_write_side_never_imports_torch():
