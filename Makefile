@@ -52,6 +52,7 @@ test: setup test-servers
 
 bench: setup
 	$(PY) bench/convert.py
+	$(PY) bench/shard_bytes.py
 	$(PY) bench/loader.py
 	$(PY) bench/quality.py
 	$(PY) bench/train_speed.py
