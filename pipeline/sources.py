@@ -97,19 +97,22 @@ def shard_entries(manifest: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in shards}
 
 
-def manifest_entries(urls: list[str], storage_options: dict | None = None, **retrying) -> list[dict | None]:
-    """Each shard's manifest entry (samples, bytes, sha256, index), or None where the folder
-    has no manifest or it does not list the shard; each folder's manifest is read once
+def read_manifests(urls: list[str], storage_options: dict | None = None, **retrying) -> dict[str, dict | None]:
+    """Each shard folder's manifest (None where it has none), read once per folder
     (retrying: read_manifest's retries and retry_wait)."""
-    by_folder: dict[str, dict] = {}
-    entries = []
+    manifests: dict[str, dict | None] = {}
     for url in urls:
         folder = shard_folder(url)
-        if folder not in by_folder:
-            manifest = read_manifest(url, storage_options, **retrying)
-            by_folder[folder] = shard_entries(manifest) if manifest else {}
-        entries.append(by_folder[folder].get(shard_basename(url)))
-    return entries
+        if folder not in manifests:
+            manifests[folder] = read_manifest(url, storage_options, **retrying)
+    return manifests
+
+
+def manifest_entries(urls: list[str], manifests: dict[str, dict | None]) -> list[dict | None]:
+    """Each shard's manifest entry (samples, bytes, sha256, index), or None where its folder's
+    manifest (from read_manifests) is missing or does not list the shard."""
+    by_folder = {folder: shard_entries(manifest) if manifest else {} for folder, manifest in manifests.items()}
+    return [by_folder[shard_folder(url)].get(shard_basename(url)) for url in urls]
 
 
 def explicit_sizes(urls: list[str], explicit) -> list[int]:
