@@ -124,7 +124,8 @@ def _streamed(url, source, start, stop, storage_options, wanted, own, retries, r
 
 def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
                  wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0,
-                 info: ShardInfo | None = None, cache_dir: str | None = None, cache_limit: int | None = None):
+                 info: ShardInfo | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
+                 backgrounds: Backgrounds | None = None):
     """Yield samples number start..stop-1 of a shard (stop None: to its end), one ShardSample
     each, reading only their bytes where the shard has an index (see the module docstring).
 
@@ -133,14 +134,16 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
     sample, so the caller can count and report each. A sample without bg.jpg takes it from the
     backgrounds of its shard set (pipeline.backgrounds), or is yielded with `error` naming the
     background. `info` (from prepare_shards) is what the main process learnt of the shard;
-    without it, the manifest, the index and the backgrounds beside the shard are read here.
+    without it, the index beside the shard is read here, and the backgrounds too unless given
+    (`backgrounds`, from backgrounds_beside).
     With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache),
     held until the last sample is read (or the generator closed), under `cache_limit` bytes.
     """
     reading = dict(cache_dir=cache_dir, cache_limit=cache_limit, retries=retries, retry_wait=retry_wait)
     found = None
     if schema.BG in wanted:
-        found = info.backgrounds if info is not None else _backgrounds_beside(url, storage_options, **reading)
+        found = info.backgrounds if info is not None else backgrounds or backgrounds_beside(url, storage_options,
+                                                                                             **reading)
     # A compact sample's own members: what must be there for it to be whole.
     own = wanted if found is None else tuple(name for name in wanted if name != schema.BG)
     for sample in _own_samples(url, start, stop, storage_options, wanted, own, info, **reading):
@@ -149,9 +152,13 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
         yield sample
 
 
-def _backgrounds_beside(url: str, storage_options, **reading) -> Backgrounds | None:
-    """The backgrounds of a shard read without prepare_shards, found as it finds them."""
-    manifest = read_manifest(url, storage_options, retries=reading["retries"], retry_wait=reading["retry_wait"])
+def backgrounds_beside(url: str, storage_options: dict | None = None, *, retries: int = 5, retry_wait: float = 1.0,
+                       **reading) -> Backgrounds | None:
+    """The backgrounds of a shard read without prepare_shards, found as it finds them: None for a
+    self-contained set; PipelineError naming the file when a compact set's is missing
+    (reading: cache_dir, cache_limit)."""
+    reading.update(retries=retries, retry_wait=retry_wait)
+    manifest = read_manifest(url, storage_options, retries=retries, retry_wait=retry_wait)
     described = manifest_entries([url], {shard_folder(url): manifest})[0] is not None
     return backgrounds.beside(shard_folder(url), manifest, described, storage_options, **reading)
 
