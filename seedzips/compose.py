@@ -145,6 +145,9 @@ def main(argv=None) -> int:
                         "manifest.json at OUT, a folder or fsspec URL, as convert_zips.py --out does")
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="with --shards: fraction of backgrounds held out for validation (default 0.05)")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="with --shards: every sample carries its background and json, as "
+                        "convert_zips.py --self-contained writes (default: the compact format)")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                         default=[], metavar="KEY=VALUE",
                         help="with --shards: fsspec option for a remote OUT, repeatable")
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
                          scale=tuple(args.scale), bgs_per_zip=args.bgs_per_zip, depth_model=args.depth_model,
                          device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
         if args.shards is not None and record["complete"]:  # rank 0 converts what all ranks made
-            convert(dataset, args.shards, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+            convert(dataset, args.shards, val_fraction=args.val_fraction, seed=args.seed,
+                    self_contained=args.self_contained, workers=args.workers,
                     storage_options=dict(args.storage_options) or None)
             if args.out is None:
                 shutil.rmtree(dataset)

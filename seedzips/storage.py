@@ -138,7 +138,8 @@ class Target(_Location):
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:
-        prefixes = tuple(f"{prefix}-" for prefix in (schema.TRAIN_PREFIX, schema.VAL_PREFIX)) + (schema.MANIFEST,)
+        prefixes = tuple(f"{prefix}-" for prefix in (schema.TRAIN_PREFIX, schema.VAL_PREFIX)) + (schema.MANIFEST,
+                                                                                           schema.BACKGROUNDS)
         for name in os.listdir(self.staging):
             if name.startswith(prefixes) and name.endswith(TEMPORARY):
                 os.remove(os.path.join(self.staging, name))
@@ -157,17 +158,18 @@ class Target(_Location):
                 continue
         return None
 
-    def _write(self, name: str, data: bytes) -> None:
+    def write_file(self, name: str, data: bytes) -> None:
+        """`name` at the output holds `data`, whole or not at all (a local temporary renamed, an upload)."""
         if self.local:
             schema.write_durably(os.path.join(self.url, name), data)
         else:
             self.fs.pipe_file(join(self.path, name), data)
 
     def write_index(self, name: str, data: bytes) -> None:
-        self._write(schema.index_name(name), data)
+        self.write_file(schema.index_name(name), data)
 
     def write_progress(self, record: dict) -> None:
-        self._write(schema.MANIFEST if self.local else PROGRESS, _json(record))
+        self.write_file(schema.MANIFEST if self.local else PROGRESS, _json(record))
 
     def withdraw_manifest(self) -> None:
         """Before anything changes: no reader may take the old manifest for what is there."""
@@ -177,10 +179,10 @@ class Target(_Location):
     def write_manifest(self, record: dict) -> None:
         """The complete manifest, last; a remote progress record is then removed."""
         if self.local:
-            self._write(schema.MANIFEST, _json(record))
+            self.write_file(schema.MANIFEST, _json(record))
             return
-        self._write(PROGRESS, _json(record))  # a kill before the next line finds everything done
-        self._write(schema.MANIFEST, _json(record))
+        self.write_file(PROGRESS, _json(record))  # a kill before the next line finds everything done
+        self.write_file(schema.MANIFEST, _json(record))
         self.fs.rm_file(join(self.path, PROGRESS))
         shutil.rmtree(self.staging, ignore_errors=True)
 

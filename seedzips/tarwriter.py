@@ -23,9 +23,10 @@ from seedzips.index import MEMBER_OF_FOLDER, read_member
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # archives end padded to a whole record, as tar and tarfile do
 _SIZE, _CHKSUM = slice(124, 136), slice(148, 156)  # ustar header fields
-# Member suffixes of one sample in write order: the background, then SeedSample.members' folders.
+# Member suffixes of one sample in write order: the background (self-contained only), then
+# SeedSample.members' folders, then the json (self-contained only).
 ZIP_SUFFIXES = tuple(MEMBER_OF_FOLDER[folder] for folder in schema.SEED_FOLDERS.values())
-assert (schema.BG,) + ZIP_SUFFIXES + (schema.META,) == schema.MEMBERS
+assert (schema.BG,) + ZIP_SUFFIXES + (schema.META,) == schema.MEMBERS and ZIP_SUFFIXES == schema.SAMPLE_MEMBERS
 _PART_SAMPLES = (64, 1000)  # bounds of one worker task: small enough to balance, large to amortise
 
 
@@ -62,6 +63,24 @@ def _span(size: int) -> int:
 
 def _append(parts: list, name: str, data: bytes) -> None:
     parts += (header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
+
+
+def _end(size: int) -> int:
+    """An archive's size once two zero blocks end it and it is padded to a whole record."""
+    return -(-(size + 2 * BLOCK) // RECORD) * RECORD
+
+
+def archive(members: list) -> tuple[bytes, schema.ShardIndex]:
+    """(a whole tar of the (name, bytes) `members`, one per key, in order; its byte index), in memory."""
+    parts, offsets, offset = [], [], 0
+    for name, data in members:
+        offsets.append(offset)
+        _append(parts, name, data)
+        offset += _span(len(data))
+    offsets.append(offset)
+    size = _end(offset)
+    parts.append(bytes(size - offset))
+    return b"".join(parts), schema.ShardIndex([schema.key_of(name) for name, _ in members], offsets, size)
 
 
 # --- Worker side: each process opens each zip once and pwrites whole parts ----------------
@@ -101,10 +120,12 @@ def _write_part(numbered_task) -> tuple[int, int]:
                 _open_zips[zip_path] = os.open(zip_path, os.O_RDONLY)
             except OSError as error:
                 raise ConvertError(f"cannot read {zip_path}: {error.strerror or error}") from None
-        _append(parts, f"{sample.key}.{schema.BG}", _background(sample.bg_id, bg_size))
+        if bg_size is not None:
+            _append(parts, f"{sample.key}.{schema.BG}", _background(sample.bg_id, bg_size))
         for suffix, member in zip(ZIP_SUFFIXES, sample.members):
             _append(parts, f"{sample.key}.{suffix}", read_member(_open_zips[zip_path], member, zip_path))
-        _append(parts, f"{sample.key}.{schema.META}", metadata)
+        if metadata is not None:
+            _append(parts, f"{sample.key}.{schema.META}", metadata)
     view = memoryview(b"".join(parts))
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -156,16 +177,17 @@ def _layout(path: str, records: list, part_samples: int) -> tuple[list, list, sc
         tasks.append((path, offset, records[start:start + part_samples]))
         for sample, bg_size, metadata in tasks[-1][2]:
             offsets.append(offset)
-            sizes = (bg_size, len(metadata)) + tuple(member.file_size for member in sample.members)
-            offset += sum(_span(size) for size in sizes)
+            offset += sum(_span(member.file_size) for member in sample.members)
+            offset += (0 if bg_size is None else _span(bg_size)) + (0 if metadata is None else _span(len(metadata)))
     offsets.append(offset)
-    bounds.append(-(-(offset + 2 * BLOCK) // RECORD) * RECORD)  # two zero blocks end the archive
+    bounds.append(_end(offset))
     index = schema.ShardIndex([sample.key for sample, _, _ in records], offsets, bounds[-1])
     return bounds, tasks, index
 
 
 def write_shards(shards: list, zip_paths: list, bg_dir: str, *, workers: int, on_part, on_shard) -> None:
-    """Write each (path, records) of `shards`, records being (SeedSample, bg size, json bytes).
+    """Write each (path, records) of `shards`, records being (SeedSample, bg size, json bytes):
+    a sample gets its background member and its json member only where these are not None.
 
     Calls on_part(samples) as parts finish and on_shard(path, sha256 hex, schema.ShardIndex) once
     a shard's file is complete, in completion order; the index comes from the layout, computed

@@ -12,7 +12,7 @@ import sys
 import servers
 
 import convert_zips
-from helpers import ROOT, TORCHRUN, assert_same_folders
+from helpers import ROOT, TORCHRUN, assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import compose, storage
 from test_compose import OPTIONS, _compose, _tree, depth_model, photos  # noqa: F401 (fixtures)
@@ -27,12 +27,13 @@ def _argv(photos, depth_model, *extra) -> list[str]:
             "--placements", str(OPTIONS["placements"]), *extra]
 
 
-def _reference(photos, depth_model, tmp_path, **options):
+def _reference(photos, depth_model, tmp_path, self_contained=False):
     """compose, then convert_zips: what --shards must write."""
-    _compose(photos, depth_model, tmp_path / "dataset", **options)
-    convert_zips.convert(tmp_path / "dataset", tmp_path / "reference", val_fraction=float(VAL_FRACTION), workers=1,
-                         progress=False)
-    return tmp_path / "reference"
+    _compose(photos, depth_model, tmp_path / "dataset")
+    out = tmp_path / f"reference-{self_contained}"
+    convert_zips.convert(tmp_path / "dataset", out, val_fraction=float(VAL_FRACTION), self_contained=self_contained,
+                         workers=1, progress=False)
+    return out
 
 
 def test_shards_are_what_compose_then_convert_write_locally_and_on_s3(photos, depth_model, s3, tmp_path):
@@ -47,6 +48,11 @@ def test_shards_are_what_compose_then_convert_write_locally_and_on_s3(photos, de
     assert compose.main([*common, "--shards", url, *_storage_args(server.url)]) == 0
     assert_same_folders(reference, root / BUCKET / "own")
     assert not os.path.exists(storage.staging_folder(url, "compose"))  # the work folder, gone once done
+    whole = _reference(photos, depth_model, tmp_path, self_contained=True)
+    assert compose.main([*common, "--out", str(tmp_path / "kept"), "--shards", str(tmp_path / "whole"),
+                         "--self-contained"]) == 0
+    assert_same_folders(whole, tmp_path / "whole")
+    assert read_manifest(whole)["options"]["format"] == schema.SELF_CONTAINED
 
 
 def test_two_ranks_label_their_own_zips_and_make_one_process_s_bytes(photos, depth_model, tmp_path):

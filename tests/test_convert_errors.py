@@ -16,6 +16,7 @@ import convert_zips
 from faults import file_size_limit
 from helpers import assert_same_folders, read_manifest
 from pipeline import schema
+from test_convert import converted, format_options, shard_sets  # noqa: F401 (fixtures)
 
 
 def _broken_copy(dataset, tmp_path, change) -> str:
@@ -95,32 +96,45 @@ def test_strict_fails_on_the_incomplete_sample_and_a_missing_background_is_skipp
     assert all(schema.bg_name(bg_id) in reasons[k] for k in lost)
 
 
-def test_hidden_files_and_other_members_are_ignored(seed_dataset, shard_dir, shard_options, tmp_path):
+def test_hidden_files_and_other_members_are_ignored(seed_dataset, converted, shard_options, tmp_path):
     def add_clutter(dataset):
         with zipfile.ZipFile(dataset / schema.ZIP_DIR / schema.zip_name(1), "a") as archive:
             archive.writestr(f"__MACOSX/{schema.COMPOSITE_DIR}/._{schema.seed_key(1, 1)}.jpg", b"resource fork")
             archive.writestr(f"{schema.COMPOSITE_DIR}/.DS_Store", b"finder")
             archive.writestr("readme.txt", b"not an image")
 
+    shard_format, made = converted
     dataset = _broken_copy(seed_dataset[0], tmp_path, add_clutter)
-    manifest = convert_zips.convert(dataset, tmp_path / "out", **shard_options)
-    assert manifest["skipped"] == read_manifest(shard_dir)["skipped"]
+    manifest = convert_zips.convert(dataset, tmp_path / "out", **format_options(shard_options, shard_format))
+    assert manifest["skipped"] == read_manifest(made)["skipped"]
     for entry in manifest["shards"]:
-        assert filecmp.cmp(tmp_path / "out" / entry["name"], shard_dir / entry["name"], shallow=False)
+        assert filecmp.cmp(tmp_path / "out" / entry["name"], made / entry["name"], shallow=False)
 
 
-@pytest.mark.parametrize("failing", ["manifest", "shard"])
-def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, seed_dataset, shard_dir, shard_options,
-                                                                    tmp_path):
-    manifest_size = (shard_dir / schema.MANIFEST).stat().st_size
-    smallest_shard = min(entry["bytes"] for entry in read_manifest(shard_dir)["shards"])
-    # The manifest is written first, then every shard's temporary file is sized before parts land.
-    limit = 64 if failing == "manifest" else (manifest_size + smallest_shard) // 2
-    assert limit < manifest_size if failing == "manifest" else manifest_size < limit < smallest_shard
+@pytest.mark.parametrize("shard_format,failing", [(schema.COMPACT, "manifest"), (schema.COMPACT, "backgrounds"),
+                                                  (schema.COMPACT, "shard"), (schema.SELF_CONTAINED, "manifest"),
+                                                  (schema.SELF_CONTAINED, "shard")])
+def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(shard_format, failing, seed_dataset, shard_sets,
+                                                                    shard_options, tmp_path):
+    made = shard_sets[shard_format]
+    manifest = read_manifest(made)
+    manifest_size = (made / schema.MANIFEST).stat().st_size  # more than any earlier progress record
+    smallest_shard = min(entry["bytes"] for entry in manifest["shards"])
+    # The manifest is written first, then (compact) backgrounds.tar, then every shard's temporary
+    # file is sized before parts land.
+    if failing == "manifest":
+        limit = 64
+    elif failing == "backgrounds":
+        limit = (manifest_size + manifest["backgrounds"]["bytes"]) // 2
+        assert manifest_size < limit < manifest["backgrounds"]["bytes"]
+    else:
+        limit = (max(manifest_size, manifest["totals"]["backgrounds_bytes"]) + smallest_shard) // 2
+        assert manifest_size < limit < smallest_shard and manifest["totals"]["backgrounds_bytes"] < limit
     out = tmp_path / "shards"
     command = [sys.executable, "convert_zips.py", "--dataset", str(seed_dataset[0]), "--out", str(out),
                "--val-fraction", str(shard_options["val_fraction"]), "--seed", str(shard_options["seed"]),
                "--workers", str(shard_options["workers"])]
+    command += ["--self-contained"] if shard_format == schema.SELF_CONTAINED else []
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           timeout=120, preexec_fn=file_size_limit(limit),
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
@@ -129,5 +143,7 @@ def test_a_failed_write_leaves_no_temporaries_and_a_rerun_completes(failing, see
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and str(out) in lines[0] and os.strerror(errno.EFBIG) in lines[0]
     assert [name for name in os.listdir(out) if name.endswith(schema.TEMPORARY)] == []
-    convert_zips.convert(seed_dataset[0], out, **shard_options)
-    assert_same_folders(shard_dir, out)
+    if failing == "shard":
+        assert not [name for name in os.listdir(out) if name.endswith(".tar") and name != schema.BACKGROUNDS]
+    convert_zips.convert(seed_dataset[0], out, **format_options(shard_options, shard_format))
+    assert_same_folders(made, out)

@@ -19,6 +19,7 @@ from helpers import ROOT, TINY, assert_same_folders, read_manifest
 from pipeline import schema
 from seedzips import storage, synthetic
 from remote import ACCESS_KEY, BUCKET, SECRET_KEY, assert_loopback
+from test_convert import converted, shard_sets  # noqa: F401 (fixtures)
 
 PREFIX = "shards"
 URL = f"s3://{BUCKET}/{PREFIX}"
@@ -30,10 +31,10 @@ def _storage_args(endpoint: str) -> list[str]:
     return [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
 
 
-def _convert_args(dataset, out, endpoint, shard_options) -> list[str]:
+def _convert_args(dataset, out, endpoint, shard_options, shard_format=schema.COMPACT) -> list[str]:
     return ["--dataset", str(dataset), "--out", out, "--val-fraction", str(shard_options["val_fraction"]),
             "--seed", str(shard_options["seed"]), "--workers", str(shard_options["workers"]),
-            *_storage_args(endpoint)]
+            *(["--self-contained"] if shard_format == schema.SELF_CONTAINED else []), *_storage_args(endpoint)]
 
 
 @pytest.fixture
@@ -45,12 +46,13 @@ def s3(aws_env, tmp_path):
         yield server, root
 
 
-def test_conversion_to_s3_is_the_local_one_and_trains_by_range(s3, seed_dataset, shard_dir, shard_options,
+def test_conversion_to_s3_is_the_local_one_and_trains_by_range(s3, seed_dataset, converted, shard_options,
                                                                 tmp_path, capsys):
     server, root = s3
-    assert convert_zips.main(_convert_args(seed_dataset[0], URL, server.url, shard_options)) == 0
+    shard_format, made = converted
+    assert convert_zips.main(_convert_args(seed_dataset[0], URL, server.url, shard_options, shard_format)) == 0
     assert URL in capsys.readouterr().out
-    assert_same_folders(shard_dir, root / BUCKET / PREFIX)  # no progress record, no temporary left
+    assert_same_folders(made, root / BUCKET / PREFIX)  # no progress record, no temporary left
     assert not os.path.exists(storage.staging_folder(URL, "shards"))
     run = tmp_path / "run"
     with counting.proxy(server.url) as (proxy, sent):
@@ -67,14 +69,15 @@ def test_conversion_to_s3_is_the_local_one_and_trains_by_range(s3, seed_dataset,
     assert 0 < fetched <= 2 * everything, (fetched, everything)
 
 
-def test_a_sigkill_in_mid_upload_and_a_rerun_give_the_uninterrupted_dataset(s3, seed_dataset, shard_dir,
+def test_a_sigkill_in_mid_upload_and_a_rerun_give_the_uninterrupted_dataset(s3, seed_dataset, converted,
                                                                            shard_options, tmp_path):
     server, root = s3
+    shard_format, made = converted
     folder = root / BUCKET / PREFIX
     options = {**shard_options, "workers": 1}  # shards finish in plan order: batch-1, batch-2, val-1
     with servers.stalling_proxy(server.url, f"PUT /{BUCKET}/{PREFIX}/batch-2.tar".encode()) as (proxy, held):
         child = subprocess.Popen([sys.executable, "convert_zips.py",
-                                  *_convert_args(seed_dataset[0], URL, proxy, options)],
+                                  *_convert_args(seed_dataset[0], URL, proxy, options, shard_format)],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert held.wait(timeout=120), "the converter never uploaded batch-2.tar"
@@ -86,24 +89,29 @@ def test_a_sigkill_in_mid_upload_and_a_rerun_give_the_uninterrupted_dataset(s3, 
     assert progress["complete"] is False and [e["name"] for e in progress["shards"]] == ["batch-1.tar"]
     assert not (folder / schema.MANIFEST).exists()  # no reader takes this for a dataset
     assert not (folder / "batch-2.tar").exists()  # the cut-off upload left nothing
-    inode = (folder / "batch-1.tar").stat().st_ino
-    rerun = [sys.executable, "convert_zips.py", *_convert_args(seed_dataset[0], URL, server.url, options)]
+    kept = ["batch-1.tar"] + ([schema.BACKGROUNDS, schema.sources_name("batch-1.tar")]
+                              if shard_format == schema.COMPACT else [])
+    inodes = [(folder / name).stat().st_ino for name in kept]
+    rerun = [sys.executable, "convert_zips.py", *_convert_args(seed_dataset[0], URL, server.url, options, shard_format)]
     done = subprocess.run(rerun, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "(1 already done)" in done.stdout
-    assert (folder / "batch-1.tar").stat().st_ino == inode  # verified where it was, not uploaded again
-    assert_same_folders(shard_dir, folder)
-    assert read_manifest(folder) == read_manifest(shard_dir)
+    assert [(folder / name).stat().st_ino for name in kept] == inodes  # verified where they were, not uploaded again
+    assert_same_folders(made, folder)
+    assert read_manifest(folder) == read_manifest(made)
 
 
-def test_a_damaged_object_is_uploaded_again(s3, seed_dataset, shard_dir, shard_options):
+def test_a_damaged_object_is_uploaded_again(s3, seed_dataset, converted, shard_options):
     server, root = s3
-    args = _convert_args(seed_dataset[0], URL, server.url, shard_options)
+    shard_format, made = converted
+    args = _convert_args(seed_dataset[0], URL, server.url, shard_options, shard_format)
     assert convert_zips.main(args) == 0
-    with open(root / BUCKET / PREFIX / "val-1.tar", "r+b") as f:  # same size, other bytes
-        f.write(b"damaged")
+    damaged = ["val-1.tar"] + ([schema.BACKGROUNDS] if shard_format == schema.COMPACT else [])
+    for name in damaged:
+        with open(root / BUCKET / PREFIX / name, "r+b") as f:  # same size, other bytes
+            f.write(b"damaged")
     assert convert_zips.main(args) == 0
-    assert_same_folders(shard_dir, root / BUCKET / PREFIX)
+    assert_same_folders(made, root / BUCKET / PREFIX)
 
 
 @pytest.fixture(scope="module")
