@@ -10,7 +10,7 @@ import pytest
 import convert_zips
 import counting
 import train
-from helpers import TINY
+from helpers import TINY, format_options
 from pipeline import PipelineError, make_loader, schema
 from seedzips import synthetic
 
@@ -18,11 +18,12 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def six_shards(tmp_path_factory):
-    """360 flawless samples in batch-1..6.tar (60 each, with indexes and manifest)."""
+def six_shards(tmp_path_factory, shard_format):
+    """360 flawless samples in batch-1..6.tar (60 each, with indexes and manifest), in each format."""
     root = tmp_path_factory.mktemp("mixture")
     synthetic.generate(root / "seed", zips=3, bgs_per_zip=2, fg=6, placements=10, seed=0, image_size=SIZE)
-    convert_zips.convert(root / "seed", root / "shards", shards=6, val_fraction=0, seed=0, workers=1, progress=False)
+    convert_zips.convert(root / "seed", root / "shards", shards=6, val_fraction=0, seed=0, workers=1, progress=False,
+                         **format_options(shard_format))
     return root / "shards"
 
 
