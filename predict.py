@@ -13,7 +13,8 @@ targets' scale (0..255, larger = farther), depth_color.png is the same depth col
 
 With --shard, a sample that cannot be predicted (an undecodable or truncated image, a missing
 member, damaged tar data) is skipped with one `predict.py: skipped` line naming it and the
-shard, and the rest are predicted. Exit status: 0 when something was predicted; 2 with one
+shard, and the rest are predicted. A shard of a compact set takes its samples' backgrounds from
+the backgrounds.tar beside it (a damaged background costs the samples composed on it). Exit status: 0 when something was predicted; 2 with one
 `predict.py: error:` line for bad input (options, a missing, empty or non-tar shard, a shard
 with no sample that could be predicted, an unreadable image file or checkpoint).
 """
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from model import check_image_size, to_input
 from pipeline import PipelineError, schema
 from pipeline.clients import storage_option
-from pipeline.shardreader import read_samples
+from pipeline.shardreader import backgrounds_beside, read_samples
 from training import UserError
 from training.checkpoint import load, model_from_checkpoint
 from training.options import POSITIVE_INT, OneLineParser, check_device, uses_cuda
@@ -102,13 +103,14 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
     return [(name, roles["bg"], roles["bgfg"]) for name, roles in found.items()]
 
 
-def shard_pairs(url: str, storage_options, skip):
-    """(key, bg, bgfg uint8 tensors) for the samples of a shard that can be predicted; the
-    others go to skip(what, reason)."""
+def shard_pairs(url: str, storage_options, skip, backgrounds):
+    """(key, bg, bgfg uint8 tensors) for the samples of a shard that can be predicted (those of
+    a compact shard set with their `backgrounds`, from backgrounds_beside); the others go to
+    skip(what, reason)."""
     wanted = (schema.BG, schema.BGFG)
     # stop=None: to the end of the shard with no count to check. Damaged tar data comes back
     # as samples with an error ("#N" where the damage hides the key), never as an exception.
-    for sample in read_samples(url, 0, None, storage_options, wanted=wanted):
+    for sample in read_samples(url, 0, None, storage_options, wanted=wanted, backgrounds=backgrounds):
         missing = [member for member in wanted if member not in sample.members]
         if sample.error or missing:
             skip(sample.key, sample.error or f"no {' or '.join(missing)}")
@@ -122,7 +124,7 @@ def shard_pairs(url: str, storage_options, skip):
         yield sample.key, bg, bgfg
 
 
-def input_pairs(args, skip):
+def input_pairs(args, skip, backgrounds):
     """(output subfolder name or None, bg, bgfg uint8 tensors) for the chosen input."""
     if args.bg:
         yield None, *read_pair(args.bg, args.bg, args.bgfg, args.bg, args.bgfg)
@@ -130,7 +132,7 @@ def input_pairs(args, skip):
         for name, bg, bgfg in find_pairs(Path(args.pairs)):
             yield name, *read_pair(name, bg, bgfg, str(bg), str(bgfg))
     else:
-        yield from shard_pairs(args.shard, dict(args.storage_options) or None, skip)
+        yield from shard_pairs(args.shard, dict(args.storage_options) or None, skip, backgrounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +161,11 @@ def run(args) -> int:
     if args.limit is not None and not args.shard:
         raise UserError("--limit goes with --shard")
     check_device(args.device)
+    backgrounds = None
     if args.shard:
         probe_shard(args.shard, dict(args.storage_options) or None)
+        # Before the progress bar: a compact shard whose backgrounds.tar is missing is one error line.
+        backgrounds = backgrounds_beside(args.shard, dict(args.storage_options) or None)
     state = load(args.checkpoint)
     model = model_from_checkpoint(state)
     image_size = state["image_size"] if args.image_size is None else args.image_size
@@ -181,7 +186,7 @@ def run(args) -> int:
 
     written = 0
     # Closed however the loop ends, so an error line does not land on the end of a progress bar.
-    with tqdm(input_pairs(args, skip), unit="pair", disable=bool(args.bg), leave=False) as pairs:
+    with tqdm(input_pairs(args, skip, backgrounds), unit="pair", disable=bool(args.bg), leave=False) as pairs:
         for name, bg, bgfg in pairs:
             write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
             written += 1

@@ -152,14 +152,21 @@ def local_ranks(world_size: int) -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
+def _backgrounds(shard) -> tuple[str | None, dict | None]:
+    """(URL, manifest record) of a shard's backgrounds file, (None, None) when it has none."""
+    found = shard.backgrounds
+    return (None, None) if found is None else (found.url, found.record)
+
+
 def check_limit(folder: str, limit: int, shards, *, readers: int, warn: bool) -> None:
     """Before the first batch: PipelineError (one line) when `limit` is below the largest file to
     cache, which could then never be cached; else, when `warn`, one warning if it cannot hold a
     file for each of the `readers` processes of this machine reading at once (each holds one),
     beside the files under the folder that are not the cache's: what does not fit is read
     remotely. Said once per process and folder (train.py's training and validation loaders share one)."""
-    sizes = [(record["bytes"], shard.url, kind) for shard in shards
-             for kind, record in (("shard", shard.shard), ("index", shard.index))
+    sizes = [(record["bytes"], url, kind) for shard in shards
+             for kind, url, record in (("shard", shard.url, shard.shard), ("index", shard.url, shard.index),
+                                       ("backgrounds file", *_backgrounds(shard)))
              if record and "bytes" in record and "sha256" in record]
     if not sizes:
         return

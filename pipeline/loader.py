@@ -77,7 +77,7 @@ class Pipeline:
         found, mix = mixture.resolve(urls, options.storage_options, options.samples_per_epoch)
         shards = prepare_shards(found, options.storage_options,
                                 options.shard_sizes, retries=options.retries, retry_wait=options.retry_wait,
-                                cache_dir=options.cache_dir)
+                                cache_dir=options.cache_dir, cache_limit=options.cache_limit)
         if options.cache_limit is not None:
             local_rank, local_ranks = cachelimit.local_ranks(options.world_size)
             cachelimit.check_limit(options.cache_dir, options.cache_limit, shards,

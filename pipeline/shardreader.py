@@ -9,15 +9,18 @@ only storage that cannot be read does (PipelineError).
 """
 
 import contextlib
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass, field
 
-from pipeline import cache, heartbeat, schema
+from pipeline import backgrounds, cache, heartbeat, schema
+from pipeline.backgrounds import Backgrounds
 from pipeline.clients import is_local
 from pipeline.errors import PipelineError, warn_once
 from pipeline.index import count_local_samples, decoded, index_url, load_index
-from pipeline.sources import explicit_sizes, manifest_entries, shard_basename
+from pipeline.sources import (explicit_sizes, manifest_entries, read_manifest, read_manifests, shard_basename,
+                              shard_folder)
 from pipeline.streams import open_range, read_whole
 from pipeline.tarstream import BLOCK, TarFormatError, iter_members
 
@@ -37,13 +40,15 @@ class ShardSample:
 @dataclass(frozen=True)
 class ShardInfo:
     """What a reader knows of a shard before reading it: its sample count, its manifest
-    record ({"bytes", "sha256"}, or None) and its index's ({"bytes", "sha256"}; None: no
-    index, read it front to back)."""
+    record ({"bytes", "sha256"}, or None), its index's ({"bytes", "sha256"}; None: no
+    index, read it front to back) and the backgrounds of its set (pipeline.backgrounds: None
+    for a set whose samples carry their own)."""
 
     url: str
     samples: int
     shard: dict | None
     index: dict | None
+    backgrounds: Backgrounds | None = None
 
 
 def _indexed(url, source, index, start, stop, storage_options, want, retries, retry_wait):
@@ -77,7 +82,7 @@ def _indexed(url, source, index, start, stop, storage_options, want, retries, re
         yield ShardSample(f"#{number}", url, error=f"shard holds {count} samples (by its index), {stop} expected")
 
 
-def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait):
+def _streamed(url, source, start, stop, storage_options, wanted, own, retries, retry_wait):
     number, key, current = -1, None, None
     end = float("inf") if stop is None else stop
 
@@ -101,7 +106,7 @@ def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_
         except TarFormatError as error:
             damage = f"damaged tar data: {error}"
             if current is not None:
-                if not set(wanted) <= set(current.members):
+                if not set(own) <= set(current.members):
                     current.error = damage  # the damage is inside this sample
                 yield current
             rest = "(the shard has no index to resume from)"
@@ -119,17 +124,49 @@ def _streamed(url, source, start, stop, storage_options, wanted, retries, retry_
 
 def read_samples(url: str, start: int, stop: int | None = None, storage_options: dict | None = None, *,
                  wanted=schema.IMAGE_MEMBERS, retries: int = 5, retry_wait: float = 1.0,
-                 info: ShardInfo | None = None, cache_dir: str | None = None, cache_limit: int | None = None):
+                 info: ShardInfo | None = None, cache_dir: str | None = None, cache_limit: int | None = None,
+                 backgrounds: Backgrounds | None = None):
     """Yield samples number start..stop-1 of a shard (stop None: to its end), one ShardSample
     each, reading only their bytes where the shard has an index (see the module docstring).
 
     Only members in `wanted` are kept. A sample the data cannot give (damaged or cut-off tar
     data, a shard with fewer samples than `stop`) is yielded with `error` set, one per lost
-    sample, so the caller can count and report each. `info` (from prepare_shards) is what the
-    main process learnt of the shard; without it, an index beside the shard is used if there
-    is one. With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache),
+    sample, so the caller can count and report each. A sample without bg.jpg takes it from the
+    backgrounds of its shard set (pipeline.backgrounds), or is yielded with `error` naming the
+    background. `info` (from prepare_shards) is what the main process learnt of the shard;
+    without it, the index beside the shard is read here, and the backgrounds too unless given
+    (`backgrounds`, from backgrounds_beside).
+    With `cache_dir`, a remote shard is read from a verified local copy (pipeline.cache),
     held until the last sample is read (or the generator closed), under `cache_limit` bytes.
     """
+    reading = dict(cache_dir=cache_dir, cache_limit=cache_limit, retries=retries, retry_wait=retry_wait)
+    found = None
+    if schema.BG in wanted:
+        found = info.backgrounds if info is not None else backgrounds or backgrounds_beside(url, storage_options,
+                                                                                             **reading)
+    # A compact sample's own members: what must be there for it to be whole.
+    own = wanted if found is None else tuple(name for name in wanted if name != schema.BG)
+    for sample in _own_samples(url, start, stop, storage_options, wanted, own, info, **reading):
+        if found is not None and sample.error is None and schema.BG not in sample.members:
+            found.fill(sample)
+        yield sample
+
+
+def backgrounds_beside(url: str, storage_options: dict | None = None, *, retries: int = 5, retry_wait: float = 1.0,
+                       **reading) -> Backgrounds | None:
+    """The backgrounds of a shard read without prepare_shards, found as it finds them: None for a
+    self-contained set; PipelineError naming the file when a compact set's is missing
+    (reading: cache_dir, cache_limit)."""
+    reading.update(retries=retries, retry_wait=retry_wait)
+    manifest = read_manifest(url, storage_options, retries=retries, retry_wait=retry_wait)
+    described = manifest_entries([url], {shard_folder(url): manifest})[0] is not None
+    return backgrounds.beside(shard_folder(url), manifest, described, storage_options, **reading)
+
+
+def _own_samples(url, start, stop, storage_options, wanted, own, info, *, cache_dir, cache_limit, retries,
+                 retry_wait):
+    """read_samples without the backgrounds: the members `wanted` the shard holds, a sample
+    cut by damage being whole when it has those in `own`."""
     index = None
     if info is None or info.index is not None:
         index = load_index(url, storage_options, expected=info.index if info else None, cache_dir=cache_dir,
@@ -141,7 +178,7 @@ def read_samples(url: str, start: int, stop: int | None = None, storage_options:
     with copy as source:
         source = source or url
         if index is None:
-            yield from _streamed(url, source, start, stop, storage_options, wanted, retries, retry_wait)
+            yield from _streamed(url, source, start, stop, storage_options, wanted, own, retries, retry_wait)
         else:
             yield from _indexed(url, source, index, start, len(index.keys) if stop is None else stop,
                                 storage_options, lambda key, suffix: suffix in wanted, retries, retry_wait)
@@ -161,16 +198,21 @@ def _discover(url: str, storage_options, retries: int, retry_wait: float) -> tup
 
 
 def prepare_shards(urls: list[str], storage_options: dict | None = None, explicit=None, *,
-                   retries: int = 5, retry_wait: float = 1.0, cache_dir: str | None = None) -> list[ShardInfo]:
+                   retries: int = 5, retry_wait: float = 1.0, cache_dir: str | None = None,
+                   cache_limit: int | None = None) -> list[ShardInfo]:
     """What the workers need to know of each shard, found out once, in the main process.
 
     Sample counts come from `explicit` (list, or name -> count), else the manifest beside the
     shards, else the shard's index, else (local files) a header scan. Shards the manifest does
     not describe are looked up for an index beside them (one warning for each that has none).
+    Each compact shard set's backgrounds are loaded (pipeline.backgrounds: through cache_dir,
+    under cache_limit), and for shards no manifest describes, those beside them if any.
     Then the first shard is probed (its first 512 bytes, or its cached copy) and cache_dir
-    checked, so a wrong URL, missing credentials or an unwritable cache fail here, naming it.
+    checked, so a wrong URL, missing credentials, an unwritable cache or a compact set without
+    its backgrounds fail here, naming it.
     """
-    entries = manifest_entries(urls, storage_options, retries=retries, retry_wait=retry_wait)
+    manifests = read_manifests(urls, storage_options, retries=retries, retry_wait=retry_wait)
+    entries = manifest_entries(urls, manifests)
     counts = explicit_sizes(urls, explicit) if explicit is not None else [None] * len(urls)
     shards = []
     for url, entry, count in zip(urls, entries, counts):
@@ -186,9 +228,15 @@ def prepare_shards(urls: list[str], storage_options: dict | None = None, explici
         if count is None:
             raise PipelineError(f"{url}: no sample count for it in the {schema.MANIFEST} beside it nor an "
                                 "index; put the converter's manifest beside the shards or pass shard_sizes")
-        shards.append(ShardInfo(url, count, entry, index))
+        shards.append(ShardInfo(url=url, samples=count, shard=entry, index=index))
     if cache_dir is not None:
         cache.check_cache_dir(cache_dir)
+    by_folder = {}
+    for folder, manifest in manifests.items():
+        described = all(entry is not None for url, entry in zip(urls, entries) if shard_folder(url) == folder)
+        by_folder[folder] = backgrounds.beside(folder, manifest, described, storage_options, cache_dir=cache_dir,
+                                               cache_limit=cache_limit, retries=retries, retry_wait=retry_wait)
+    shards = [dataclasses.replace(shard, backgrounds=by_folder[shard_folder(shard.url)]) for shard in shards]
     _probe(shards[0], storage_options, retries, retry_wait, cache_dir)
     return shards
 

@@ -28,7 +28,8 @@ def _is_path(url: str) -> bool:
 def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a local or fsspec glob, or a list of either.
 
-    A pattern (or a local path) that matches nothing raises PipelineError naming it.
+    A pattern (or a local path) that matches nothing raises PipelineError naming it. A glob
+    never matches a compact shard set's backgrounds.tar: it is beside the shards, not one of them.
     storage_options reach the filesystem that lists a remote glob.
     """
     patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
@@ -43,17 +44,21 @@ def expand_urls(urls, storage_options: dict | None = None) -> list[str]:
                     raise PipelineError(f"no such shard: {url} (from pattern {pattern!r})")
                 matches.append(url)
             elif _is_path(url):
-                matches.extend(sorted(glob.glob(url)))
+                matches.extend(_shards_of(sorted(glob.glob(url))))
             else:
                 try:
                     fs, path = client(url, storage_options)
-                    matches.extend(fs.unstrip_protocol(p) for p in sorted(fs.glob(path)))
+                    matches.extend(_shards_of(fs.unstrip_protocol(p) for p in sorted(fs.glob(path))))
                 except Exception as error:  # fsspec backends raise their own client errors
                     raise PipelineError(f"cannot list {url}: {type(error).__name__}: {error}") from error
         if not matches:
             raise PipelineError(f"shard pattern {pattern!r} matches nothing")
         found.extend(matches)
     return found
+
+
+def _shards_of(matches) -> list[str]:
+    return [url for url in matches if shard_basename(url) != schema.BACKGROUNDS]
 
 
 def shard_basename(url: str) -> str:
@@ -97,19 +102,22 @@ def shard_entries(manifest: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in shards}
 
 
-def manifest_entries(urls: list[str], storage_options: dict | None = None, **retrying) -> list[dict | None]:
-    """Each shard's manifest entry (samples, bytes, sha256, index), or None where the folder
-    has no manifest or it does not list the shard; each folder's manifest is read once
+def read_manifests(urls: list[str], storage_options: dict | None = None, **retrying) -> dict[str, dict | None]:
+    """Each shard folder's manifest (None where it has none), read once per folder
     (retrying: read_manifest's retries and retry_wait)."""
-    by_folder: dict[str, dict] = {}
-    entries = []
+    manifests: dict[str, dict | None] = {}
     for url in urls:
         folder = shard_folder(url)
-        if folder not in by_folder:
-            manifest = read_manifest(url, storage_options, **retrying)
-            by_folder[folder] = shard_entries(manifest) if manifest else {}
-        entries.append(by_folder[folder].get(shard_basename(url)))
-    return entries
+        if folder not in manifests:
+            manifests[folder] = read_manifest(url, storage_options, **retrying)
+    return manifests
+
+
+def manifest_entries(urls: list[str], manifests: dict[str, dict | None]) -> list[dict | None]:
+    """Each shard's manifest entry (samples, bytes, sha256, index), or None where its folder's
+    manifest (from read_manifests) is missing or does not list the shard."""
+    by_folder = {folder: shard_entries(manifest) if manifest else {} for folder, manifest in manifests.items()}
+    return [by_folder[shard_folder(url)].get(shard_basename(url)) for url in urls]
 
 
 def explicit_sizes(urls: list[str], explicit) -> list[int]:

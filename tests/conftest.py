@@ -2,6 +2,8 @@
 
 import pytest
 
+from helpers import format_options
+from pipeline import schema
 from seedzips import synthetic
 
 # 2 zips x 2 backgrounds x 3 foregrounds x 2 placements = 24 samples, 3 of them faulty.
@@ -19,18 +21,39 @@ def seed_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shard_options():
+def shard_options(shard_format):
     """The convert_zips.convert keyword arguments shard_dir was made with (copy before changing)."""
-    return dict(SHARD_OPTIONS)
+    return dict(SHARD_OPTIONS, **format_options(shard_format))
+
+
+@pytest.fixture(scope="session", params=schema.FORMATS)
+def shard_format(request):
+    """Each shard set format in turn (schema.FORMATS): every test using shard_dir, or a
+    fixture of its own that converts in this format, runs on both."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def shard_dir(seed_dataset, tmp_path_factory):
-    """The seed_dataset converted to shards (batch-1..2.tar, val-1.tar, manifest.json)."""
+def compact_dir(seed_dataset, tmp_path_factory):
+    """The seed_dataset converted to compact shards (with backgrounds.tar), for the tests of
+    what only that format has."""
     import convert_zips
 
-    out = tmp_path_factory.mktemp("shards")
-    convert_zips.convert(seed_dataset[0], out, **SHARD_OPTIONS)
+    out = tmp_path_factory.mktemp(f"shards-{schema.COMPACT}")
+    convert_zips.convert(seed_dataset[0], out, **SHARD_OPTIONS, **format_options(schema.COMPACT))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(seed_dataset, shard_format, shard_options, tmp_path_factory, request):
+    """The seed_dataset converted to shards (batch-1..2.tar, val-1.tar, manifest.json; with
+    backgrounds.tar when compact) in each shard_format."""
+    import convert_zips
+
+    if shard_format == schema.COMPACT:
+        return request.getfixturevalue("compact_dir")
+    out = tmp_path_factory.mktemp(f"shards-{shard_format}")
+    convert_zips.convert(seed_dataset[0], out, **shard_options)
     return out
 
 

@@ -4,6 +4,7 @@ their checkpoints, and waiting for what a running process does."""
 import filecmp
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,19 @@ from pipeline import schema
 def read_manifest(out) -> dict:
     with open(os.path.join(out, schema.MANIFEST)) as f:
         return json.load(f)
+
+
+def format_options(shard_format: str) -> dict:
+    """convert_zips.convert's keyword arguments for a shard set of `shard_format` (schema.FORMATS)."""
+    return {"self_contained": shard_format == schema.SELF_CONTAINED}
+
+
+def copy_backgrounds(folder, to) -> None:
+    """Copy a compact shard set's backgrounds.tar and its index (when `folder` has them) into
+    `to`, beside shards copied there."""
+    for name in (schema.BACKGROUNDS, schema.index_name(schema.BACKGROUNDS)):
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), to)
 
 
 def assert_same_folders(a, b) -> None:

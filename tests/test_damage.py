@@ -18,7 +18,8 @@ import tarfile
 import pytest
 
 import convert_zips
-from pipeline import make_loader, schema
+from helpers import format_options
+from pipeline import PipelineError, make_loader, schema
 from pipeline.plan import shard_order
 from seedzips import synthetic
 
@@ -27,10 +28,11 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def clean_shards(tmp_path_factory):
+def clean_shards(tmp_path_factory, shard_format):
     base = tmp_path_factory.mktemp("damage")
     synthetic.generate(base / "seed", zips=1, bgs_per_zip=3, fg=4, placements=2, seed=2, image_size=32)
-    convert_zips.convert(base / "seed", base / "shards", shards=3, val_fraction=0, workers=1, progress=False)
+    convert_zips.convert(base / "seed", base / "shards", shards=3, val_fraction=0, workers=1, progress=False,
+                         **format_options(shard_format))
     manifest = json.loads((base / "shards" / schema.MANIFEST).read_text())
     assert [e["samples"] for e in manifest["shards"]] == [SAMPLES] * 3
     return base / "shards"
@@ -41,9 +43,23 @@ def _set_checksum(block: bytearray) -> None:
     block[148:156] = b"%06o\0 " % sum(block)
 
 
-def _rewrite_header(path, member: int, change) -> None:
+def _members(path) -> list[tarfile.TarInfo]:
     with tarfile.open(path) as tar:
-        offset = tar.getmembers()[member].offset
+        return tar.getmembers()
+
+
+def _per_sample(path) -> int:
+    """Members per sample in a shard: 5 self-contained, 3 compact."""
+    members = _members(path)
+    return sum(schema.key_of(m.name) == schema.key_of(members[0].name) for m in members)
+
+
+def _rewrite_header(path, member: int, change) -> None:
+    """Change the header of the damaged sample's member number `member` (0: its first)."""
+    _rewrite_header_at(path, _members(path)[_per_sample(path) * DAMAGED + member].offset, change)
+
+
+def _rewrite_header_at(path, offset: int, change) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         block = bytearray(f.read(512))
@@ -67,8 +83,7 @@ def _undecodable_name(block):
 
 
 def _cut_in_sample(path, sample: int) -> None:
-    with tarfile.open(path) as tar:
-        member = tar.getmembers()[sample * len(schema.MEMBERS) + 1]
+    member = _members(path)[sample * _per_sample(path) + 1]
     with open(path, "r+b") as f:
         f.truncate(member.offset_data + member.size // 2)
 
@@ -78,12 +93,11 @@ def _replace(path, data: bytes) -> None:
         f.write(data)
 
 
-MEMBER = len(schema.MEMBERS) * DAMAGED  # the damaged sample's first member
 # kind -> (damage(path), samples lost with the index, samples lost without it)
 DAMAGE = {
-    "garbage header": (lambda p: _rewrite_header(p, MEMBER + 1, _garbage), [DAMAGED], range(DAMAGED, SAMPLES)),
-    "non-octal size": (lambda p: _rewrite_header(p, MEMBER, _non_octal_size), [DAMAGED], range(DAMAGED, SAMPLES)),
-    "undecodable name": (lambda p: _rewrite_header(p, MEMBER, _undecodable_name), [DAMAGED],
+    "garbage header": (lambda p: _rewrite_header(p, 1, _garbage), [DAMAGED], range(DAMAGED, SAMPLES)),
+    "non-octal size": (lambda p: _rewrite_header(p, 0, _non_octal_size), [DAMAGED], range(DAMAGED, SAMPLES)),
+    "undecodable name": (lambda p: _rewrite_header(p, 0, _undecodable_name), [DAMAGED],
                          range(DAMAGED, SAMPLES)),
     "gzip'd shard": (lambda p: _replace(p, gzip.compress(open(p, "rb").read(), mtime=0)),
                      range(SAMPLES), range(SAMPLES)),
@@ -138,3 +152,55 @@ def test_damaged_tar_data_is_a_counted_skip_of_exactly_the_samples_it_cost(kind,
     # One warning for each shard without an index, though 2 workers read each.
     warned = [r.getMessage().split(" has no index")[0] for r in caplog.records if r.name == "pipeline.shardreader"]
     assert sorted(warned) == sorted(unindexed)
+
+
+@pytest.fixture(scope="module")
+def compact_shards(tmp_path_factory):
+    """clean_shards' dataset as a compact set (3 backgrounds in backgrounds.tar, 8 samples on each)."""
+    base = tmp_path_factory.mktemp("damage-compact")
+    synthetic.generate(base / "seed", zips=1, bgs_per_zip=3, fg=4, placements=2, seed=2, image_size=32)
+    convert_zips.convert(base / "seed", base / "shards", shards=3, val_fraction=0, workers=1, progress=False,
+                         **format_options(schema.COMPACT))
+    return base / "shards"
+
+
+def _garble_jpeg(path, member: tarfile.TarInfo) -> None:
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
+        f.write(random.Random(2).randbytes(member.size // 2 - 2))  # the EOI marker left: it looks whole
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("part", ["member header", "jpeg body"])
+def test_damage_in_backgrounds_tar_costs_exactly_the_samples_on_that_background(part, workers, compact_shards,
+                                                                                 tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(compact_shards, folder)
+    backgrounds = folder / schema.BACKGROUNDS
+    member = next(m for m in _members(backgrounds) if m.name == f"{schema.background_key(2)}.{schema.BG}")
+    if part == "member header":
+        _rewrite_header_at(backgrounds, member.offset, _garbage)
+    else:
+        _garble_jpeg(backgrounds, member)
+    names = [str(folder / schema.shard_name(schema.TRAIN_PREFIX, i)) for i in (1, 2, 3)]
+    every = {key for name in names for key in _keys(name)}
+    lost = {key for key in every if schema.background_key_of(key) == "2_bg"}
+    assert len(lost) == 8
+    loader = make_loader(names, batch_size=3, workers=workers, image_size=16, train=False, seed=SEED)
+    delivered = [key for batch in loader for key in batch["key"]]
+    assert sorted(delivered) == sorted(every - lost)
+    assert loader.stats["skipped"] == len(loader.skipped) == len(lost)
+    assert {record["key"] for record in loader.skipped} == lost
+    reason = "damaged tar data" if part == "member header" else "does not decode"
+    assert all(record["reason"].startswith(f"background 2_bg: {reason}") and str(backgrounds) in record["reason"]
+               for record in loader.skipped), loader.skipped
+
+
+def test_a_compact_set_without_its_backgrounds_tar_is_one_line_before_the_first_batch(compact_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(compact_shards, folder)
+    os.remove(folder / schema.BACKGROUNDS)
+    with pytest.raises(PipelineError) as raised:
+        make_loader(f"{folder}/batch-{{1..3}}.tar", batch_size=3, workers=2, image_size=16)
+    message = str(raised.value)
+    assert message.splitlines() == [message] and message.startswith(f"{folder / schema.BACKGROUNDS}: missing")

@@ -12,7 +12,7 @@ import torch
 
 import convert_zips
 import train
-from helpers import ROOT, TORCHRUN, tiny, wait_for
+from helpers import ROOT, TORCHRUN, format_options, tiny, wait_for
 from pipeline import Pipeline, PipelineError, make_loader
 from pipeline.plan import split_evenly
 from seedzips import synthetic
@@ -23,11 +23,12 @@ SHUFFLE = 6  # small, so a stopped train epoch has consumed a scattered set of i
 
 
 @pytest.fixture(scope="module")
-def clean_shards(tmp_path_factory):
-    """120 samples without faults in batch-1..3.tar (40 each), no validation split."""
+def clean_shards(tmp_path_factory, shard_format):
+    """120 samples without faults in batch-1..3.tar (40 each), no validation split, in each format."""
     root = tmp_path_factory.mktemp("elastic")
     synthetic.generate(root / "seed", zips=2, bgs_per_zip=2, fg=6, placements=5, seed=0, image_size=32)
-    convert_zips.convert(root / "seed", root / "shards", shards=3, val_fraction=0, seed=0, workers=1, progress=False)
+    convert_zips.convert(root / "seed", root / "shards", shards=3, val_fraction=0, seed=0, workers=1, progress=False,
+                         **format_options(shard_format))
     return f"{root}/shards/batch-{{1..3}}.tar"
 
 

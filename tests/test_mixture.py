@@ -6,11 +6,12 @@ import json
 import re
 
 import pytest
+import torch
 
 import convert_zips
 import counting
 import train
-from helpers import TINY
+from helpers import TINY, format_options
 from pipeline import PipelineError, make_loader, schema
 from seedzips import synthetic
 
@@ -18,11 +19,12 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def six_shards(tmp_path_factory):
-    """360 flawless samples in batch-1..6.tar (60 each, with indexes and manifest)."""
+def six_shards(tmp_path_factory, shard_format):
+    """360 flawless samples in batch-1..6.tar (60 each, with indexes and manifest), in each format."""
     root = tmp_path_factory.mktemp("mixture")
     synthetic.generate(root / "seed", zips=3, bgs_per_zip=2, fg=6, placements=10, seed=0, image_size=SIZE)
-    convert_zips.convert(root / "seed", root / "shards", shards=6, val_fraction=0, seed=0, workers=1, progress=False)
+    convert_zips.convert(root / "seed", root / "shards", shards=6, val_fraction=0, seed=0, workers=1, progress=False,
+                         **format_options(shard_format))
     return root / "shards"
 
 
@@ -146,3 +148,27 @@ def test_train_py_mixes_sources_by_weight_and_scores_each_validation_source(two_
     assert re.search(r"val @ step 2: loss \S+, .*; a: loss \S+, .*; b: loss ", printed), printed
     assert train.main([*sources, "--weights", "1", "--out", str(tmp_path / "bad"), *TINY]) == 2
     assert "train.py: error: --weights: 1 weights for 2 --shards sources" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_formats(tmp_path_factory):
+    """Folders compact/ and self-contained/: one 24-sample dataset converted in each format."""
+    root = tmp_path_factory.mktemp("formats")
+    synthetic.generate(root / "seed", zips=2, bgs_per_zip=2, fg=3, placements=2, seed=5, image_size=SIZE)
+    for name in schema.FORMATS:
+        convert_zips.convert(root / "seed", root / name, shards=2, val_fraction=0, seed=0, workers=1, progress=False,
+                             **format_options(name))
+    return root
+
+
+def test_a_mixture_of_a_compact_and_a_self_contained_set_reads_both_alike(two_formats):
+    sources = [(f"{two_formats}/{name}/batch-{{1..2}}.tar", 1.0) for name in schema.FORMATS]
+    loader = make_loader(sources, batch_size=4, workers=2, image_size=SIZE, train=False, samples_per_epoch=48)
+    images = {}
+    for batch in loader:
+        for n, key in enumerate(batch["key"]):
+            images.setdefault(key, []).append({name: batch[name][n].clone() for name in ("bg", "bgfg", "mask")})
+    assert loader.stats["skipped"] == 0 and len(images) == 24
+    # Every sample once from each set, the compact one's background taken from its backgrounds.tar.
+    for key, (first, second) in images.items():
+        assert all(torch.equal(first[name], second[name]) for name in first), key

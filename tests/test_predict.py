@@ -17,7 +17,7 @@ from PIL import Image
 import predict
 from faults import overwrite
 import train
-from helpers import CPU, ROOT
+from helpers import CPU, ROOT, copy_backgrounds
 from pipeline import schema
 from pipeline.decode import BadSample, check
 from pipeline.shardreader import read_samples
@@ -124,10 +124,11 @@ def test_bad_samples_in_a_shard_are_skipped_by_name_and_the_rest_predicted(check
             except BadSample:
                 shard, truncated = tmp_path / entry["name"], sample.key
                 shutil.copy(shard_dir / entry["name"], shard)
+    copy_backgrounds(shard_dir, tmp_path)
     keys = shard_keys(shard)
-    # ... and, in the same shard, a background that is not a JPEG at all.
+    # ... and, in the same shard, a composite that is not a JPEG at all.
     garbled = next(key for key in keys if key != truncated)
-    overwrite(shard, member_offsets(shard)[f"{garbled}.{schema.BG}"].offset_data, b"not an image" * 4)
+    overwrite(shard, member_offsets(shard)[f"{garbled}.{schema.BGFG}"].offset_data, b"not an image" * 4)
 
     assert predict_shard(checkpoint, shard, tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(set(keys) - {truncated, garbled})
@@ -135,7 +136,7 @@ def test_bad_samples_in_a_shard_are_skipped_by_name_and_the_rest_predicted(check
     skipped = [line for line in captured.err.splitlines() if line.startswith("predict.py: skipped")]
     assert len(skipped) == 2 and all(str(shard) in line for line in skipped), captured.err
     assert f"{truncated}.{schema.BGFG}" in skipped[0 if keys.index(truncated) < keys.index(garbled) else 1]
-    assert f"{garbled}.{schema.BG} is not an image" in captured.err and "BytesIO" not in captured.err
+    assert f"{garbled}.{schema.BGFG} is not an image" in captured.err and "BytesIO" not in captured.err
     assert "skipped 2 sample(s)" in captured.out
 
 
@@ -144,11 +145,13 @@ def test_damaged_tar_data_is_reported_and_the_other_samples_predicted(checkpoint
                                                                       with_index):
     shard = tmp_path / "val-1.tar"
     shutil.copy(shard_dir / "val-1.tar", shard)
+    copy_backgrounds(shard_dir, tmp_path)
     if with_index:
         shutil.copy(shard_dir / schema.index_name("val-1.tar"), tmp_path)
     keys = shard_keys(shard)
     # Text over the third sample's first header: not even its numeric fields parse.
-    overwrite(shard, member_offsets(shard)[f"{keys[2]}.{schema.BG}"].offset, b"garbage!" * 64)
+    first = min(member.offset for name, member in member_offsets(shard).items() if schema.key_of(name) == keys[2])
+    overwrite(shard, first, b"garbage!" * 64)
 
     assert predict_shard(checkpoint, shard, tmp_path / "out") == 0
     predicted = {p.name for p in (tmp_path / "out").iterdir()}
@@ -202,3 +205,27 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(checkpoint, shard_dir, tm
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # no GPU, also on a machine with one
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "predict.py: error: --device cuda: no CUDA device is available (use --device cpu or auto)"]
+
+
+def test_a_compact_shard_takes_its_backgrounds_from_beside_it_a_damaged_one_costing_its_samples(
+        checkpoint, compact_dir, tmp_path, capsys):
+    shard = tmp_path / "batch-1.tar"
+    for name in ("batch-1.tar", schema.index_name("batch-1.tar"), schema.MANIFEST):
+        shutil.copy(compact_dir / name, tmp_path)
+    # The manifest says the set is compact: without its backgrounds.tar, one line naming it.
+    assert predict_shard(checkpoint, shard, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith("predict.py: error:") and str(
+        tmp_path / schema.BACKGROUNDS) in err, err
+    assert not (tmp_path / "out").exists()
+    copy_backgrounds(compact_dir, tmp_path)
+    keys = shard_keys(shard)
+    damaged = schema.background_key_of(keys[0])
+    body = member_offsets(tmp_path / schema.BACKGROUNDS)[f"{damaged}.{schema.BG}"]
+    overwrite(tmp_path / schema.BACKGROUNDS, body.offset_data + body.size // 2, b"\xff\x00garbage" * 16)
+
+    assert predict_shard(checkpoint, shard, tmp_path / "out") == 0
+    lost = {key for key in keys if schema.background_key_of(key) == damaged}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(set(keys) - lost)
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict.py: skipped")]
+    assert len(skipped) == len(lost) and all(f"background {damaged}: does not decode" in line for line in skipped)

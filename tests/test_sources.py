@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 
+from helpers import copy_backgrounds
 from pipeline import PipelineError, expand_urls, read_manifest, schema
 from pipeline.decode import BadSample, check
 from pipeline.shardreader import prepare_shards, read_samples
@@ -81,6 +82,7 @@ def test_read_samples_reads_a_range_and_reports_every_sample_a_short_or_cut_shar
     source = _train_shards(shard_dir)[0]
     path = str(tmp_path / os.path.basename(source))
     shutil.copy(source, path)
+    copy_backgrounds(shard_dir, tmp_path)
     if indexed:
         shutil.copy(schema.index_name(source), schema.index_name(path))
     whole = list(read_samples(path, 0))  # no stop: to the end, no count to check
@@ -92,7 +94,9 @@ def test_read_samples_reads_a_range_and_reports_every_sample_a_short_or_cut_shar
     assert all(s.error is None for s in over[:count])
     assert all("expected" in s.error for s in over[count:])
     with tarfile.open(path) as tar:
-        cut = tar.getmembers()[6].offset_data + 100  # inside the second member of sample 1
+        members = tar.getmembers()
+        per_sample = sum(schema.key_of(member.name) == keys[0] for member in members)
+        cut = members[per_sample + 1].offset_data + 100  # inside the second member of sample 1
     (tmp_path / "cut.tar").write_bytes(open(path, "rb").read()[:cut])
     if indexed:
         shutil.copy(schema.index_name(path), tmp_path / schema.index_name("cut.tar"))
