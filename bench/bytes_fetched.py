@@ -1,15 +1,18 @@
-"""Benchmark: bytes fetched per train epoch at 8 ranks x 8 workers over 20 shards, against the
-old behaviour (each share streams every shard it touches from byte 0), in the same run.
+"""Benchmark: bytes fetched per train epoch at 8 ranks x 8 workers over 20 shards, in both shard
+formats (compact: backgrounds once in backgrounds.tar; self-contained), against the old
+behaviour (each share streams every shard it touches from byte 0), all in the same run.
 
 Generates a small seed dataset (32 px, 64 samples per shard; cached under --cache), converts it
-into 20 shards with their byte indexes, and serves it from a loopback HTTP server that counts
+into 20 shards with their byte indexes, in each format, and serves it from a loopback HTTP server that counts
 the body bytes it writes, per path. One train epoch is read rank by rank (rank=/world_size=,
 as 8 GPUs would split it), each rank with 8 DataLoader workers:
   (a) indexed: the shards with their indexes, as the converter writes them;
   (b) baseline: the same shards without indexes (the manifest lists none), so every share
       streams its shards from the first byte, as the pipeline did before the index existed.
-Prints one JSON line: shard bytes sent / shard bytes for each (ratio, baseline_ratio), and the
-index and manifest bytes apart. measure() returns the same figures as a dict.
+Prints one JSON line, per format: tar bytes sent (shards and backgrounds.tar) / the set's tar
+bytes (ratio, baseline_ratio), the same / the bytes of the samples' own bgfg, mask and depth
+members (per_member_bytes), and the index and manifest bytes apart. measure() returns the same
+figures as a dict.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 import warnings
 
@@ -33,17 +37,18 @@ from seedzips import synthetic  # noqa: E402
 SEED_DATASET = dict(zips=4, bgs_per_zip=4, fg=8, placements=10, seed=0, image_size=32)
 
 
-def prepare(cache: str, shards: int) -> str:
-    """The cached shard folder (made when missing), with indexes and manifest."""
+def prepare(cache: str, shards: int, shard_format: str = schema.COMPACT) -> str:
+    """The cached shard folder in `shard_format` (made when missing), with indexes and manifest."""
     import convert_zips
 
-    out = os.path.join(cache, f"shards-{shards}")
+    out = os.path.join(cache, f"shards-{shards}-{shard_format}")
     manifest = os.path.join(out, schema.MANIFEST)
     if not (os.path.exists(manifest) and json.load(open(manifest)).get("complete")):
         seed = os.path.join(cache, "seed")
         if not os.path.isdir(seed):
             synthetic.generate(seed, workers=os.cpu_count() or 1, **SEED_DATASET)
-        convert_zips.convert(seed, out, shards=shards, val_fraction=0, progress=False)
+        convert_zips.convert(seed, out, shards=shards, val_fraction=0, progress=False,
+                             self_contained=shard_format == schema.SELF_CONTAINED)
     return out
 
 
@@ -54,6 +59,9 @@ def _without_indexes(folder: str, copy: str) -> str:
     for entry in manifest["shards"]:
         entry.pop("index")
         shutil.copy(os.path.join(folder, entry["name"]), copy)
+    if "backgrounds" in manifest:
+        for name in (schema.BACKGROUNDS, schema.index_name(schema.BACKGROUNDS)):
+            shutil.copy(os.path.join(folder, name), copy)
     with open(os.path.join(copy, schema.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return copy
@@ -71,22 +79,41 @@ def _epoch_bytes(folder: str, shards: int, ranks: int, workers: int, batch_size:
                 "manifest": server.bytes_sent(schema.MANIFEST), "batches": batches}
 
 
-def measure(*, ranks: int = 8, workers: int = 8, shards: int = 20, batch_size: int = 4,
-            cache: str = os.path.join(ROOT, "data", "bench-bytes")) -> dict:
-    """Bytes fetched by one train epoch at ranks x workers, indexed and baseline (see above)."""
-    folder = prepare(cache, shards)
-    shard_bytes = sum(os.path.getsize(os.path.join(folder, schema.shard_name(schema.TRAIN_PREFIX, i)))
-                      for i in range(1, shards + 1))
+def _tar_bytes(folder: str) -> tuple[int, int]:
+    """(bytes of the set's tar files, training shards and backgrounds.tar; bytes of the training
+    samples' own bgfg, mask and depth members)."""
+    total = own = 0
+    for name in os.listdir(folder):
+        if name.endswith(".tar") and (name.startswith(schema.TRAIN_PREFIX + "-") or name == schema.BACKGROUNDS):
+            total += os.path.getsize(os.path.join(folder, name))
+        if name.endswith(".tar") and name.startswith(schema.TRAIN_PREFIX + "-"):
+            with tarfile.open(os.path.join(folder, name)) as tar:
+                own += sum(m.size for m in tar if schema.split_member(m.name)[1] in schema.SAMPLE_MEMBERS)
+    return total, own
+
+
+def _measure_format(cache: str, shard_format: str, ranks: int, workers: int, shards: int, batch_size: int) -> dict:
+    folder = prepare(cache, shards, shard_format)
+    set_bytes, own_bytes = _tar_bytes(folder)
     indexed = _epoch_bytes(folder, shards, ranks, workers, batch_size)
     with tempfile.TemporaryDirectory(prefix="bench-bytes-") as tmp:
         baseline = _epoch_bytes(_without_indexes(folder, os.path.join(tmp, "shards")), shards, ranks, workers,
                                 batch_size)
     assert indexed["batches"] == baseline["batches"], (indexed, baseline)
-    return {"ranks": ranks, "workers": workers, "shards": shards, "shard_bytes": shard_bytes,
-            "ratio": round(indexed["tar"] / shard_bytes, 3),
-            "baseline_ratio": round(baseline["tar"] / shard_bytes, 3),
+    return {"set_bytes": set_bytes, "own_member_bytes": own_bytes,
+            "ratio": round(indexed["tar"] / set_bytes, 3),
+            "baseline_ratio": round(baseline["tar"] / set_bytes, 3),
+            "per_member_bytes": round(indexed["tar"] / own_bytes, 3),
             "index_bytes": indexed["index"], "manifest_bytes": indexed["manifest"],
             "batches": indexed["batches"]}
+
+
+def measure(*, ranks: int = 8, workers: int = 8, shards: int = 20, batch_size: int = 4,
+            cache: str = os.path.join(ROOT, "data", "bench-bytes")) -> dict:
+    """Bytes fetched by one train epoch at ranks x workers, per format, indexed and baseline."""
+    figures = {shard_format: _measure_format(cache, shard_format, ranks, workers, shards, batch_size)
+               for shard_format in schema.FORMATS}
+    return {"ranks": ranks, "workers": workers, "shards": shards, **figures}
 
 
 def main(argv=None) -> int:

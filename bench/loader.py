@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         "peak_pss_mib_20_shards": round(many_memory["peak_pss_mib"]),
         "peak_pss_mib_1_shard": round(one["peak_pss_mib"]),
         "seed_zip_pil_sps": round(seed, 1), "speedup_over_seed": round(many["sps"] / seed, 2),
-        "bytes_fetched_ratio_8x8": fetched["ratio"], "bytes_fetched_baseline_ratio_8x8": fetched["baseline_ratio"],
+        "bytes_fetched_ratio_8x8": fetched[schema.COMPACT]["ratio"],
+        "bytes_fetched_baseline_ratio_8x8": fetched[schema.COMPACT]["baseline_ratio"],
         "sizes": {str(side): _by_size(rounds, side, (limit, limit_cpu)) for side in args.sizes},
     }))
     return 0
