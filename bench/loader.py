@@ -17,7 +17,8 @@ memory (PSS of all its processes together):
       at the first size also on 1 shard (its memory must not grow with the number of
       shards) and in eval mode, for context;
   (w) stock webdataset doing the same work at the first size: webdataset.WebDataset over the
-      same 20 shards, a shuffle buffer, the pipeline's per-sample decode + fit and draw,
+      same 20 shards in the self-contained format (stock readers find no background in a
+      compact sample), a shuffle buffer, the pipeline's per-sample decode + fit and draw,
       batches of --batch-size, a torch DataLoader with --workers workers, two epochs;
   (c) seed_zip_pil: the original zip + PIL + ToTensor loader, 1 worker;
   (f) bytes fetched by one train epoch at 8 ranks x 8 workers over 20 shards, with the byte
@@ -64,14 +65,18 @@ def prepare(cache: str, image_size: int) -> tuple[str, dict]:
         _log(f"generating {seed} (once)")
         synthetic.generate(seed, image_size=image_size, workers=os.cpu_count() or 1, **SEED_DATASET)
         open(done, "w").close()
+    # The pipeline reads the default (compact) shards; stock webdataset cannot join a sample to
+    # its background there, so it reads the self-contained ones ("webdataset").
     folders = {}
-    for count in (20, 1):
-        out = os.path.join(cache, f"shards-{image_size}-{count}")
+    for name, count, shard_format in ((20, 20, schema.COMPACT), (1, 1, schema.COMPACT),
+                                      ("webdataset", 20, schema.SELF_CONTAINED)):
+        out = os.path.join(cache, f"shards-{image_size}-{count}-{shard_format}")
         manifest = os.path.join(out, schema.MANIFEST)
         if not (os.path.exists(manifest) and json.load(open(manifest)).get("complete")):
-            _log(f"converting into {count} shard(s)")
-            convert_zips.convert(seed, out, shards=count, val_fraction=0, progress=False)
-        folders[count] = out
+            _log(f"converting into {count} {shard_format} shard(s)")
+            convert_zips.convert(seed, out, shards=count, val_fraction=0, progress=False,
+                                 self_contained=shard_format == schema.SELF_CONTAINED)
+        folders[name] = out
     return seed, folders
 
 
@@ -87,7 +92,7 @@ def _round(args, folders: dict) -> dict:
     for number, size in enumerate(args.sizes):
         runs = {"pipeline": loader_in_child("train", folders[20], args, size)}
         if number == 0:
-            runs["webdataset"] = loader_in_child("webdataset", folders[20], args, size)
+            runs["webdataset"] = loader_in_child("webdataset", folders["webdataset"], args, size)
         if size < MEMBER_SIZE:
             runs["unscaled"] = loader_in_child("unscaled", folders[20], args, size)
             runs["scaled_decode"] = baselines.decode_only(full_shard, args.workers, "strict", size)
