@@ -65,14 +65,16 @@ def test_the_converter_writes_an_index_beside_each_shard_listed_in_the_manifest(
         assert schema.encode_index(index) == data
 
 
-def test_the_command_builds_the_converters_index_byte_for_byte(shard_dir, tmp_path):
-    shard = shard_dir / schema.shard_name(schema.TRAIN_PREFIX, 1)
-    shutil.copy(shard, tmp_path)
-    result = _index_command(tmp_path / shard.name)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / schema.index_name(shard.name)).read_bytes() == \
-        (shard_dir / schema.index_name(shard.name)).read_bytes()
-    assert f"{len(_read_index(tmp_path / schema.index_name(shard.name)).keys)} samples" in result.stdout
+def test_the_command_builds_the_converters_index_byte_for_byte(shard_dir, shard_format, tmp_path):
+    names = [schema.shard_name(schema.TRAIN_PREFIX, 1)]
+    if shard_format == schema.COMPACT:  # a compact set's backgrounds.tar is indexed the same way
+        names.append(schema.BACKGROUNDS)
+    for name in names:
+        shutil.copy(shard_dir / name, tmp_path)
+        result = _index_command(tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / schema.index_name(name)).read_bytes() == (shard_dir / schema.index_name(name)).read_bytes()
+        assert f"{len(_read_index(tmp_path / schema.index_name(name)).keys)} samples" in result.stdout
 
 
 def _stock_webdataset_shard(source, path):
