@@ -166,6 +166,17 @@ def test_bad_values_fail_before_the_first_step_with_one_line_naming_them(case, s
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was taken
 
 
+def test_a_compact_set_without_its_backgrounds_fails_with_one_line_naming_the_file(compact_dir, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(compact_dir, shards, ignore=shutil.ignore_patterns(schema.BACKGROUNDS))
+    args = ["--shards", f"{shards}/batch-{{1..2}}.tar", "--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--no-val"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
+    assert str(shards / schema.BACKGROUNDS) in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("case", ["no-match", "unreachable", "unwritable", "other-model", "val-not-tar", "val-empty",
                                   "val-unreachable"])
 def test_bad_input_fails_with_one_line_naming_it(case, shard_dir, tmp_path, capsys):
