@@ -154,7 +154,9 @@ def test_two_ranks_x_two_workers_share_a_folder_of_one_and_a_half_shards(shards,
     assert watch.removed_while_open == [] and not watch.overflowed
     stats = [result[3] for result in results]
     assert sum(s["cache_evictions"] for s in stats) >= 1
-    assert sum(s["cache_hits"] for s in stats) >= 1 and sum(s["cache_misses"] for s in stats) >= 3
+    # Each shard is downloaded at least once; whether another reader then finds its copy still
+    # there (a hit) depends on how the readers interleave, so hits are not asserted here.
+    assert sum(s["cache_misses"] for s in stats) >= 3
     assert all(s["cache_bytes"] <= limit for s in stats)
     _assert_copies_whole(cache_dir)
 
