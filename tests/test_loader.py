@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import convert_zips
+from helpers import copy_backgrounds
 from pipeline import Batch, PipelineError, make_loader, schema
 from pipeline.augment import AUG_FIELDS, apply
 
@@ -201,6 +202,7 @@ def test_missing_member_and_non_jpeg_are_skipped_counted_and_named(shard_dir, tm
         return data
 
     _rewrite(src, tmp_path / "val-1.tar", change)
+    copy_backgrounds(shard_dir, tmp_path)
     loader = make_loader(str(tmp_path / "val-1.tar"), batch_size=4, workers=1, image_size=SIZE,
                          train=False, shard_sizes=[len(keys)])
     delivered = _keys(loader)

@@ -9,9 +9,11 @@ import tarfile
 import pytest
 import torch
 
+from helpers import copy_backgrounds
 from model import UNet, UNetConfig
 from pipeline import Pipeline, make_loader, schema
 from pipeline.decode import BadSample, Decoder
+from pipeline.shardreader import read_samples
 
 SIZE = 32
 IMAGES = ("bg", "bgfg", "mask", "depth")
@@ -93,7 +95,8 @@ def test_corrupt_jpeg_data_is_a_counted_skip_with_libjpegs_reason(shard_dir, tmp
     with tarfile.open(shard_dir / "val-1.tar") as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     victim = schema.split_member(members[0][0].name)[0]
-    sample = {schema.split_member(m.name)[1]: data for m, data in members if schema.split_member(m.name)[0] == victim}
+    # The victim's four images as the pipeline reads them (a compact sample's background included).
+    sample = next(s.members for s in read_samples(str(shard_dir / "val-1.tar"), 0) if s.key == victim)
     out = {name: torch.empty(SIZE, SIZE, 3 if name in (schema.BG, schema.BGFG) else 1, dtype=torch.uint8).numpy()
            for name in schema.IMAGE_MEMBERS}
 
@@ -111,6 +114,7 @@ def test_corrupt_jpeg_data_is_a_counted_skip_with_libjpegs_reason(shard_dir, tmp
             data = damaged if member.name == f"{victim}.{schema.BGFG}" else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    copy_backgrounds(shard_dir, tmp_path)
     count = len({schema.split_member(m.name)[0] for m, _ in members})
     for train in (False, True):
         loader = make_loader(str(tmp_path / "val-1.tar"), batch_size=2, workers=1, image_size=SIZE, train=train,
