@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, checkpoint_step, run_train, tiny,
-                     wait_for)
+from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, checkpoint_step, copy_backgrounds,
+                     run_train, tiny, wait_for)
+from pipeline import schema
 from servers import free_port
 from training.signals import DUPLICATE_WINDOW
 
@@ -143,7 +144,8 @@ def test_a_signal_while_the_validation_workers_wait_for_their_next_pass_still_ex
 
 
 class _StallingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves manifest.json; of any other file the first KiB, the rest once the test releases it."""
+    """Serves the set's small files (manifest, indexes, backgrounds.tar) whole; of a shard the
+    first KiB, the rest once the test releases it."""
 
     def do_GET(self):
         path = Path(self.translate_path(self.path))
@@ -151,7 +153,8 @@ class _StallingHandler(http.server.SimpleHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        held = len(data) if path.name.endswith(".json") else 1024
+        shard = path.suffix == ".tar" and path.name.startswith((schema.TRAIN_PREFIX + "-", schema.VAL_PREFIX + "-"))
+        held = 1024 if shard else len(data)
         try:
             self.wfile.write(data[:held])
             self.wfile.flush()
@@ -258,6 +261,7 @@ def test_a_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(shard
 def test_a_validation_that_fails_mid_run_is_one_line_and_keeps_the_steps_trained(shard_dir, tmp_path):
     val = tmp_path / "val-1.tar"
     val.write_bytes((shard_dir / "val-1.tar").read_bytes())
+    copy_backgrounds(shard_dir, tmp_path)
     out = tmp_path / "run"
     with stalling_server(shard_dir) as (url, release), \
             Job([sys.executable, str(ROOT / "train.py"), "--shards", f"{url}/batch-{{1..2}}.tar", "--out", str(out),
