@@ -84,9 +84,10 @@ def _tar_bytes(folder: str) -> tuple[int, int]:
     samples' own bgfg, mask and depth members)."""
     total = own = 0
     for name in os.listdir(folder):
-        if name.endswith(".tar") and (name.startswith(schema.TRAIN_PREFIX + "-") or name == schema.BACKGROUNDS):
+        shard = name.endswith(".tar") and name.startswith(schema.TRAIN_PREFIX + "-")
+        if shard or name == schema.BACKGROUNDS:
             total += os.path.getsize(os.path.join(folder, name))
-        if name.endswith(".tar") and name.startswith(schema.TRAIN_PREFIX + "-"):
+        if shard:
             with tarfile.open(os.path.join(folder, name)) as tar:
                 own += sum(m.size for m in tar if schema.split_member(m.name)[1] in schema.SAMPLE_MEMBERS)
     return total, own
