@@ -162,6 +162,11 @@ def _start_worker(control: PassControl, beats: heartbeat.Heartbeats, worker_init
     # multiprocessing end a worker that outstays the shutdown, and it must work.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, functools.partial(_on_stop_signal, control))
+    # A batch in fresh memory (every buffer of this worker held) goes by name, through torch's
+    # torch_shm_manager: a file descriptor would be fetched from this process while the main
+    # process unpickles it, and a stopped or stuck worker would hang it there, out of reach of
+    # the stall report and the data timeout.
+    torch.multiprocessing.set_sharing_strategy("file_system")
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
 

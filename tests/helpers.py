@@ -81,12 +81,14 @@ def assert_same_checkpoint_weights(a, b) -> None:
     assert_same_weights(weights(a), weights(b))
 
 
-def wait_for(condition, what: str, timeout: float = 120.0):
-    """Poll `condition` until it returns something true; fail after `timeout` seconds."""
+def wait_for(condition, what: str, timeout: float = 120.0, log: Path | None = None):
+    """Poll `condition` until it returns something true; fail after `timeout` seconds, showing
+    the end of `log` (a job's stderr) when given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    shown = f":\n{log.read_text()[-3000:]}" if log is not None else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{shown}")

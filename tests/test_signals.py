@@ -47,6 +47,27 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
+# A batch made in fresh shared memory (pipeline.workers) is freed by torch's torch_shm_manager,
+# which exits by itself 2 s after the last process using it has: that long is allowed. A worker
+# or rank still there after that is left for good.
+SHM_MANAGER_EXIT = 10.0
+
+
+def processes_left(tag: str) -> list[str]:
+    """The command lines of the processes carrying the tag that outlive SHM_MANAGER_EXIT."""
+    deadline = time.monotonic() + SHM_MANAGER_EXIT
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [_command_line(pid) for pid in left]
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # ended meanwhile
+        return f"pid {pid} (ended)"
+
+
 class Job:
     """A command started in a session of its own with a tag, its output in files."""
 
@@ -103,7 +124,7 @@ def test_a_signal_saves_last_pt_ends_the_workers_and_resume_continues_exactly(si
         else:
             job.process.send_signal(signum)
         status = job.wait()
-        left = tagged_processes(job.tag)  # right after exit: nothing of the run may be alive
+        left = processes_left(job.tag)
     stdout, stderr = job.stdout.read_text(), job.stderr.read_text()
     assert status == 128 + signum, stderr[-3000:]
     assert left == []
@@ -135,7 +156,7 @@ def test_a_signal_while_the_validation_workers_wait_for_their_next_pass_still_ex
         wait_for(lambda: validated(out), "the first validation")
         job.process.send_signal(signal.SIGTERM)
         status = job.wait(timeout=60)
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     stdout, stderr = job.stdout.read_text(), job.stderr.read_text()
     assert status == 128 + signal.SIGTERM, stderr[-3000:]
     assert left == [] and "Traceback" not in stderr
@@ -232,7 +253,7 @@ def test_torchrun_ranks_stop_after_the_same_step_when_every_process_gets_sigterm
         for pid in tagged_processes(job.tag):
             os.kill(pid, signal.SIGTERM)
         assert job.wait() != 0  # torchrun reports that it was signalled
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     assert left == []
     rank_out = {path.parent.name: path.read_text() for path in logs.rglob("stdout.log")}
     rank_err = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}

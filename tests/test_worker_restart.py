@@ -17,7 +17,7 @@ import torch
 from helpers import (ROOT, TINY, TORCHRUN, assert_same_checkpoint_weights, assert_same_weights, checkpoint_step,
                      run_train, tiny, wait_for)
 from pipeline import Pipeline
-from test_signals import SCHEDULE, Job, stalling_server, start_train, tagged_processes
+from test_signals import SCHEDULE, Job, processes_left, stalling_server, start_train, tagged_processes
 
 STEPS = ["--steps", "12", "--workers", "2"]  # 4 steps per epoch at batch 4: three epochs
 
@@ -211,13 +211,17 @@ def _stall_lines(stderr: str, pid: int) -> list[str]:
 
 
 def test_a_stopped_worker_is_reported_after_stall_warn_and_training_goes_on_once_it_continues(shard_dir, tmp_path):
-    out = tmp_path / "run"
-    with start_train(shard_dir, out, tmp_path / "logs", *STEPS, "--no-val", "--stall-warn", "1") as job:
+    # Long enough that worker 1 cannot have made all its batches before it is stopped: the
+    # main process puts aside the records that come early, so a worker may run far ahead of
+    # training (12 steps were, once, all made before the test's SIGSTOP on a loaded host).
+    out, steps = tmp_path / "run", 60
+    with start_train(shard_dir, out, tmp_path / "logs", "--steps", str(steps), "--workers", "2", "--no-val",
+                     "--stall-warn", "1") as job:
         wait_for(lambda: logged_steps(out) >= 2, "two steps")
         worker = children(job.process.pid)[1]
         os.kill(worker, signal.SIGSTOP)
         try:
-            wait_for(lambda: len(_stall_lines(job.stderr.read_text(), worker)) >= 2, "two stall lines")
+            wait_for(lambda: len(_stall_lines(job.stderr.read_text(), worker)) >= 2, "two stall lines", log=job.stderr)
         finally:
             os.kill(worker, signal.SIGCONT)
         status = job.wait()
@@ -226,7 +230,7 @@ def test_a_stopped_worker_is_reported_after_stall_warn_and_training_goes_on_once
     first, second = _stall_lines(stderr, worker)[:2]
     assert re.search(r"from worker 1 \(pid \d+\), (reading|decoding|waiting for the main process).* for \d+ s", first)
     assert "batch-" in first and "no batch for 1 s" in first and "no batch for 2 s" in second  # growing intervals
-    assert restart_lines(stderr) == [] and logged_steps(out) == 12
+    assert restart_lines(stderr) == [] and logged_steps(out) == steps
 
 
 def test_a_stall_past_data_timeout_is_one_error_line_with_last_pt(shard_dir, tmp_path):
@@ -237,13 +241,54 @@ def test_a_stall_past_data_timeout_is_one_error_line_with_last_pt(shard_dir, tmp
         worker = children(job.process.pid)[0]
         os.kill(worker, signal.SIGSTOP)
         status = job.wait()
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     stderr = job.stderr.read_text()
     errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert status == 2 and len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith("train.py: error: no batch for 3 s (the data timeout is 3 s)")
     assert f"from worker 0 (pid {worker})" in errors[0] and left == []
     assert checkpoint_step(out / "last.pt") == logged_steps(out) >= 2
+
+
+_HELD_THEN_STOPPED = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from helpers import wait_for
+from pipeline import Pipeline, PipelineError
+from pipeline.workers import BUFFERS_PER_WORKER
+with Pipeline({urls!r}, batch_size=2, workers=2, image_size=64, train=True, stall_warn=1, data_timeout=4) as pipeline:
+    batches = (batch for epoch in range(100) for batch in pipeline.epoch(epoch))
+    held = [next(batches) for _ in range(2 * BUFFERS_PER_WORKER + 4)]  # every buffer: the workers go on in fresh memory
+    wait_for(lambda: "waiting for the main process" in pipeline._pool.describe(1), "worker 1 to have its batches made")
+    worker = pipeline._pool.heartbeats.pid(1)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for batch in batches:
+            held.append(batch)
+            print("batch after the stop", flush=True)
+    except PipelineError as error:
+        print(f"error: {{error}} (stopped pid {{worker}})", flush=True)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+"""
+
+
+def test_a_worker_stopped_with_batches_in_fresh_memory_on_their_way_is_a_data_timeout_not_a_hang(shard_dir, tmp_path):
+    # A batch in fresh shared memory (all of a worker's buffers held) used to reach the main
+    # process as a file descriptor fetched from the worker itself: a stopped worker hung the
+    # main process inside DataLoader, with no stall line and no data timeout.
+    script = _HELD_THEN_STOPPED.format(root=str(ROOT), tests=str(ROOT / "tests"), urls=f"{shard_dir}/batch-{{1..2}}.tar")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the main process hung: {(hung.stderr or b'')[-2000:]!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    error = done.stdout.splitlines()[-1]
+    pid = re.search(r"\(stopped pid (\d+)\)", error).group(1)
+    assert error.startswith("error: no batch for 4 s (the data timeout is 4 s)") and f"worker 1 (pid {pid})" in error
+    assert "batch after the stop" in done.stdout  # the batches it had made still came
+    assert re.search(rf"loader: no batch for 1 s, waiting for batch \d+ of epoch \d+ from worker 1 \(pid {pid}\)",
+                     done.stderr)
 
 
 def test_sigterm_while_every_worker_is_stopped_saves_last_pt_and_exits_143_with_no_process_left(shard_dir, tmp_path):
@@ -257,7 +302,7 @@ def test_sigterm_while_every_worker_is_stopped_saves_last_pt_and_exits_143_with_
         wait_for(lambda: "loader: no batch for" in job.stderr.read_text(), "the main process to wait for data")
         job.process.send_signal(signal.SIGTERM)
         status = job.wait(timeout=60)
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     stdout, stderr = job.stdout.read_text(), job.stderr.read_text()
     assert status == 128 + signal.SIGTERM and left == [], stderr[-3000:]
     assert "Traceback" not in stderr
@@ -273,7 +318,7 @@ def test_sigterm_while_a_step_waits_for_a_stalled_server_saves_last_pt_and_exits
         wait_for(lambda: "training to step" in job.stdout.read_text(), "the loop to start")
         job.process.send_signal(signal.SIGTERM)
         status = job.wait(timeout=60)
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     stderr = job.stderr.read_text()
     assert status == 128 + signal.SIGTERM and left == [] and "Traceback" not in stderr, stderr[-3000:]
     assert "stopped by SIGTERM at step 0" in job.stdout.read_text() and checkpoint_step(out / "last.pt") == 0
@@ -293,7 +338,7 @@ def test_dev_shm_filled_mid_run_is_an_error_naming_it_with_last_pt(shard_dir, tm
                 while True:
                     filler.write(b"\0" * 2**20)
         status = job.wait()
-        left = tagged_processes(job.tag)
+        left = processes_left(job.tag)
     stderr = job.stderr.read_text()
     errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert status == 2 and len(errors) == 1 and "/dev/shm is full" in errors[0], stderr[-3000:]
