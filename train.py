@@ -72,7 +72,7 @@ def build(args, ctx: distributed.Context, stop_request: signals.StopRequest) -> 
     """The data, the model, its optimizer and schedule."""
     amp_dtype = amp_dtype_for(args.amp, ctx.device)
     loader_args, train_urls, train_data, val_data = open_data(args, ctx, amp_dtype)
-    config = UNetConfig(width=args.width, difference_input=args.difference_input)
+    config = UNetConfig(width=args.width, difference_input=args.difference_input, task_heads=args.task_heads)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every rerun
     # NHWC (channels_last) convolutions are faster with cuDNN and with oneDNN on the CPU too
     # (measured here on 2 cores: ~15% per step at 64 px, more at 224 px).

@@ -28,6 +28,9 @@ class UNetConfig:
     # |bgfg - bg| as 3 more input channels: what background subtraction sees, given to the stem
     # directly instead of learned from the two images by its first convolutions.
     difference_input: bool = False
+    # A 3x3 convolution of each head's own before its 1x1: the two tasks stop sharing every
+    # feature of the last level, so weighting the mask up pulls less on the depth.
+    task_heads: bool = False
 
     @property
     def stride(self) -> int:
@@ -76,6 +79,14 @@ class _Up(nn.Module):
         return self.conv(torch.cat([x, skip], dim=1))
 
 
+def _head_features(channels: int, own: bool) -> nn.Module:
+    """A head's own 3x3 block, or nothing (parameter-free, so older checkpoints load unchanged)."""
+    if not own:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                         nn.ReLU(inplace=True))
+
+
 class UNet(nn.Module):
     """forward(x: [B,6,H,W] normalised) -> (mask logits [B,1,H,W], depth in 0..1 [B,1,H,W])."""
 
@@ -88,6 +99,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(
             _Up(chans[i + 1], chans[i], chans[i]) for i in reversed(range(config.levels))
         )
+        self.mask_features = _head_features(chans[0], config.task_heads)
+        self.depth_features = _head_features(chans[0], config.task_heads)
         self.mask_head = nn.Conv2d(chans[0], 1, 1)
         self.depth_head = nn.Conv2d(chans[0], 1, 1)
         # Objects cover a few percent of the image: start the mask near that prior (about 5%)
@@ -105,11 +118,11 @@ class UNet(nn.Module):
         y = skips.pop()
         for block in self.up:
             y = block(y, skips.pop())
-        # The heads and the sigmoid in float32 also under autocast: in bf16 the predicted depth
-        # near 1 would step by 2^-8, the size of the 8-bit target's own step.
+        mask, depth = self.mask_features(y), self.depth_features(y)
+        # The 1x1 heads and the sigmoid in float32 also under autocast: in bf16 the predicted
+        # depth near 1 would step by 2^-8, the size of the 8-bit target's own step.
         with torch.autocast(y.device.type, enabled=False):
-            y = y.float()
-            return self.mask_head(y), torch.sigmoid(self.depth_head(y))
+            return self.mask_head(mask.float()), torch.sigmoid(self.depth_head(depth.float()))
 
 
 @functools.cache

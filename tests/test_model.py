@@ -151,3 +151,19 @@ def test_difference_input_gives_the_stem_the_absolute_difference_of_the_halves()
     model(x)
     torch.testing.assert_close(seen[0][:, 6:], (x[:, :3] - x[:, 3:]).abs())
     torch.testing.assert_close(seen[0][:, :6], x)
+
+
+def test_task_heads_give_each_head_features_the_other_does_not_train():
+    model = UNet(UNetConfig(width=4, task_heads=True))
+    mask_logits, depth = model(torch.randn(2, 6, 32, 32))
+    mask_logits.sum().backward()
+    assert all(p.grad is None for p in model.depth_features.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mask_features.parameters())
+    assert depth.shape == mask_logits.shape == (2, 1, 32, 32)
+
+
+def test_without_task_heads_the_weights_have_the_names_older_checkpoints_have():
+    names = set(UNet(UNetConfig(width=4)).state_dict())
+    assert {"mask_head.weight", "mask_head.bias", "depth_head.weight", "depth_head.bias"} <= names
+    assert not any(name.startswith(("mask_features", "depth_features")) for name in names)
+    assert UNetConfig.from_dict({"width": 4}) == UNetConfig(width=4, task_heads=False)

@@ -82,7 +82,7 @@ def check_same_model(state: dict, config: UNetConfig, path: Path) -> None:
     if UNetConfig.from_dict(state["model_config"]) != config:
         raise UserError(
             f"checkpoint {path} was made for model {state['model_config']}, "
-            f"this run builds {config.to_dict()} (pass the same --width and --difference-input, or another --out)"
+            f"this run builds {config.to_dict()} (pass the same --width, --difference-input and --task-heads, or another --out)"
         )
 
 

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--width", type=POSITIVE_INT, default=UNetConfig.width, help="U-Net base channels")
     model.add_argument("--difference-input", action="store_true",
                        help="also feed |bgfg - bg| to the network (3 more input channels)")
+    model.add_argument("--task-heads", action="store_true",
+                       help="give the mask and depth heads a 3x3 convolution each (features of their own)")
     for term, default in LossWeights().to_dict().items():
         model.add_argument(f"--w-{term}", type=number(float, least=0), default=default,
                            help=f"weight of the {term} loss term (>= 0)")
