@@ -149,7 +149,7 @@ def train_epoch(setup: Setup, progress: Progress, logger: RunLogger, window: Win
             window.take_loader_stats(loader)
             progress.finish_epoch(skipped=distributed.all_sum([len(loader.skipped)])[0])
             return None
-        x, mask, depth = prepare_batch(batch, device, channels_last=True)
+        x, mask, depth = prepare_batch(batch, device, channels_last=True, soft_mask=args.soft_mask)
         loss, step_terms = train_step(setup.forward, setup.optimizer, setup.scaler, x, mask, depth,
                                       weights=setup.weights, amp_dtype=setup.amp_dtype)
         terms = step_terms or terms  # an empty batch (spares ran out) has no loss terms to show

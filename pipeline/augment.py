@@ -6,8 +6,10 @@ brightness/contrast/saturation factors) from an RNG seeded by (seed, epoch, key)
 travels with the batch as `aug` rows (AUG_FIELDS) beside the uint8 images, which are decoded
 and fitted to size but not yet augmented. `Batch.to(device)` applies it there: one affine
 sampling grid per sample crops, resizes and flips bg, bgfg and depth (bilinear) and the mask
-(nearest, so it stays 0/1), and bg and bgfg get the same photometric jitter, computed from the
-bg's statistics for both, so their difference still shows only the pasted object. Per-pixel
+(nearest, so it stays 0/1; or bilinear on request, so an outline pixel covered in part gets
+that fraction, as the images' pixels do, not 0 or 1 from half a pixel away), and bg and bgfg
+get the same photometric jitter, computed from the bg's statistics for both, so their
+difference still shows only the pasted object. Per-pixel
 work in a worker cost three times the JPEG decode; on the training device it is free.
 """
 
@@ -63,16 +65,17 @@ class Batch(dict):
         """True when the batch carries draws that .to(device) applies (train mode)."""
         return "aug" in self
 
-    def to(self, device, *, non_blocking: bool = True) -> dict[str, torch.Tensor]:
+    def to(self, device, *, non_blocking: bool = True, soft_mask: bool = False) -> dict[str, torch.Tensor]:
         """The images as floats on `device`, augmented when the batch carries draws:
-        bg, bgfg [B,3,H,W] and depth [B,1,H,W] on the 0..255 scale, mask [B,1,H,W] 0/1."""
+        bg, bgfg [B,3,H,W] and depth [B,1,H,W] on the 0..255 scale, mask [B,1,H,W] 0/1 (with
+        `soft_mask`, an augmented mask is resampled bilinearly: 0..1 along the outline)."""
         images = {name: self[name].to(device, non_blocking=non_blocking).float() for name in IMAGES}
         if self.augmented and len(self["aug"]):  # an empty batch (spares ran out) has nothing to augment
-            images = apply(images, self["aug"].to(device, non_blocking=non_blocking))
+            images = apply(images, self["aug"].to(device, non_blocking=non_blocking), soft_mask=soft_mask)
         return images
 
 
-def apply(images: dict[str, torch.Tensor], aug: torch.Tensor) -> dict[str, torch.Tensor]:
+def apply(images: dict[str, torch.Tensor], aug: torch.Tensor, *, soft_mask: bool = False) -> dict[str, torch.Tensor]:
     """Apply draws `aug` [B, len(AUG_FIELDS)] to float images (see Batch.to)."""
     columns = {name: aug[:, i].float() for name, i in _COLUMN.items()}
     grid = nn_functional.affine_grid(_crop_theta(columns), list(images["mask"].shape), align_corners=False)
@@ -83,7 +86,7 @@ def apply(images: dict[str, torch.Tensor], aug: torch.Tensor) -> dict[str, torch
     # everywhere by (1 - contrast) * brightness * (mean(bgfg) - mean(bg)).
     bg_mean = _gray(bg).mean((2, 3), keepdim=True)
     return {"bg": _jitter(bg, bg_mean, *factors), "bgfg": _jitter(bgfg, bg_mean, *factors),
-            "mask": _resample(images["mask"], grid, "nearest"), "depth": depth}
+            "mask": _resample(images["mask"], grid, "bilinear" if soft_mask else "nearest"), "depth": depth}
 
 
 def _resample(images: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:

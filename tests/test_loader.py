@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from torch.nn import functional as nn_functional
 
 import convert_zips
 from helpers import copy_backgrounds
@@ -159,6 +160,22 @@ def test_device_augmentation_crops_flips_and_jitters_as_drawn():
     assert torch.allclose(out["depth"][1][..., ::2], right_half_mirrored, atol=0.51)
     assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
     assert torch.allclose(out["bgfg"][1] - out["bg"][1], torch.full_like(out["bg"][1], 1.2), atol=1e-4)
+
+
+def test_a_soft_mask_is_resampled_as_the_images_are_and_is_fractional_only_along_the_outline():
+    square = torch.zeros(2, 1, 16, 16)
+    square[..., 4:10, 5:11] = 1
+    images = {"bg": square.repeat(1, 3, 1, 1), "bgfg": square.repeat(1, 3, 1, 1), "mask": square, "depth": square * 255}
+    draws = torch.tensor([_draw(), _draw(top=0.03, left=0.05, height=0.9, width=0.9)])  # off the pixel grid
+    soft, hard = apply(images, draws, soft_mask=True), apply(images, draws)
+    torch.testing.assert_close(soft["mask"] * 255, soft["depth"])
+    torch.testing.assert_close(soft["mask"][0], square[0])  # uncropped: the mask as it was
+    assert torch.equal(hard["mask"], hard["mask"].round())
+    partial = (soft["mask"][1] > 0) & (soft["mask"][1] < 1)
+    assert partial.any()
+    dilated = nn_functional.max_pool2d(hard["mask"][1], 3, 1, 1)
+    eroded = -nn_functional.max_pool2d(-hard["mask"][1], 3, 1, 1)
+    assert not (partial & (dilated == eroded)).any()  # each within a pixel of the nearest mask's outline
 
 
 def test_jitter_with_contrast_keeps_bgfg_minus_bg_zero_outside_the_object():

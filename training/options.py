@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--width", type=POSITIVE_INT, default=UNetConfig.width, help="U-Net base channels")
     model.add_argument("--difference-input", action="store_true",
                        help="also feed |bgfg - bg| to the network (3 more input channels)")
+    model.add_argument("--soft-mask", action="store_true",
+                       help="resample the mask of a training crop bilinearly (outline pixels 0..1, as the images') "
+                       "instead of by nearest neighbour")
     model.add_argument("--task-heads", action="store_true",
                        help="give the mask and depth heads a 3x3 convolution each (features of their own)")
     for term, default in LossWeights().to_dict().items():

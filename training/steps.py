@@ -11,13 +11,14 @@ from model import LossWeights, SegDepthMetrics, to_input, total_loss
 from .distributed import all_sum
 
 
-def prepare_batch(batch, device: torch.device, channels_last: bool = False):
-    """Loader batch -> (network input, mask target 0/1, depth target 0..1) on `device`.
+def prepare_batch(batch, device: torch.device, channels_last: bool = False, soft_mask: bool = False):
+    """Loader batch -> (network input, mask target 0/1 (0..1 along the outline of an augmented
+    batch with `soft_mask`), depth target 0..1) on `device`.
 
     Batch.to converts to float and applies the augmentation after the copy, so only bytes
     cross the bus and no worker spends a core on per-pixel float work.
     """
-    images = batch.to(device)  # train batches are augmented there
+    images = batch.to(device, soft_mask=soft_mask)  # train batches are augmented there
     x = to_input(images["bgfg"], images["bg"])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
