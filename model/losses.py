@@ -1,5 +1,5 @@
 """Training losses: BCE + Dice (+ Lovasz hinge, + BCE near the outline) for the mask, L1 + SSIM +
-image-gradient for the depth map."""
+image-gradient (+ squared error) for the depth map."""
 
 from dataclasses import asdict, dataclass
 
@@ -18,6 +18,7 @@ class LossWeights:
     grad: float = 1.0
     lovasz: float = 0.0  # the Lovasz hinge: a convex surrogate of 1 - IoU, sorted per image
     edge: float = 0.0  # BCE again on the pixels near the mask's outline, where the IoU is lost
+    l2: float = 0.0  # squared depth error: what RMSE judges, weighing the few large errors more than L1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,5 +109,7 @@ def total_loss(
         terms["lovasz"] = lovasz_hinge(mask_logits, mask_target)
     if weights.edge:
         terms["edge"] = edge_bce(mask_logits, mask_target)
+    if weights.l2:
+        terms["l2"] = F.mse_loss(depth, depth_target)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}

@@ -48,6 +48,10 @@ def test_loss_weights_scale_their_terms():
     only_l1, terms = total_loss(torch.zeros_like(mask), pred, mask, depth,
                                 LossWeights(bce=0, dice=0, l1=3, ssim=0, grad=0))
     assert torch.isclose(only_l1, 3 * terms["l1"])
+    only_l2, terms = total_loss(torch.zeros_like(mask), pred, mask, depth,
+                                LossWeights(bce=0, dice=0, l1=0, ssim=0, grad=0, l2=10))
+    assert torch.isclose(terms["l2"], ((pred - depth) ** 2).mean()) and torch.isclose(only_l2, 10 * terms["l2"])
+    assert "l2" not in total_loss(torch.zeros_like(mask), pred, mask, depth)[1]  # off by default
 
 
 def test_ssim_and_gradient_see_structure_that_l1_misses():
