@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import check_image_size, to_input
+from model import check_image_size, flip_averaged, to_input
 from pipeline import PipelineError, schema
 from pipeline.clients import storage_option
 from pipeline.shardreader import backgrounds_beside, read_samples
@@ -63,13 +63,14 @@ def read_pair(name: str, bg, bgfg, bg_name: str, bgfg_name: str) -> tuple[torch.
 
 
 @torch.no_grad()
-def predict(model, bg: torch.Tensor, bgfg: torch.Tensor, image_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, bg: torch.Tensor, bgfg: torch.Tensor, image_size: int, device, *,
+            flip_average: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [3,H,W] pair -> (mask uint8 0/255 [H,W], depth uint8 0..255 [H,W]) at the input's size."""
     height, width = bgfg.shape[-2:]
     pair = torch.stack([bgfg, bg]).to(device).float()
     pair = F.interpolate(pair, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     x = to_input(*pair.round().clamp(0, 255).unsqueeze(1))
-    logits, depth = model(x)
+    logits, depth = flip_averaged(model, x) if flip_average else model(x)
     logits, depth = (F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
                      for t in (logits, depth))
     mask = ((logits[0, 0] > 0).to(torch.uint8) * 255).cpu().numpy()
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=POSITIVE_INT,
                         help="network input size (default: the training size; a multiple of 32 that fits in memory)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="average each prediction with that of the mirrored input (test-time mirroring; "
+                        "twice the cost); use it if the run validated with it")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                         default=[], metavar="KEY=VALUE",
                         help="fsspec option for --shard, repeatable (VALUE may be JSON)")
@@ -188,7 +192,8 @@ def run(args) -> int:
     # Closed however the loop ends, so an error line does not land on the end of a progress bar.
     with tqdm(input_pairs(args, skip, backgrounds), unit="pair", disable=bool(args.bg), leave=False) as pairs:
         for name, bg, bgfg in pairs:
-            write_outputs(out / name if name else out, *predict(model, bg, bgfg, image_size, device))
+            mask, depth = predict(model, bg, bgfg, image_size, device, flip_average=args.flip_average)
+            write_outputs(out / name if name else out, mask, depth)
             written += 1
             if written == args.limit:
                 break

@@ -220,7 +220,7 @@ def validate(setup: Setup, progress: Progress, logger: RunLogger) -> bool:
     for name, data in setup.val_data.items():
         results[name], shown = evaluate(setup.model, data.epoch(0), device, amp_dtype=setup.amp_dtype,
                                         channels_last=True, weights=setup.weights, previews=setup.args.previews,
-                                        also=scorer)
+                                        also=scorer, flip_average=setup.args.flip_average)
         preview = shown if preview is None else preview
     result = valsources.total(results)
     if scorer is not None:

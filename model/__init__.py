@@ -2,7 +2,7 @@
 
 from .losses import LossWeights, total_loss
 from .metrics import SegDepthMetrics
-from .unet import UNet, UNetConfig, check_image_size, count_parameters, to_input
+from .unet import UNet, UNetConfig, check_image_size, count_parameters, flip_averaged, to_input
 
 __all__ = [
     "LossWeights",
@@ -11,6 +11,7 @@ __all__ = [
     "UNetConfig",
     "check_image_size",
     "count_parameters",
+    "flip_averaged",
     "to_input",
     "total_loss",
 ]

@@ -125,6 +125,14 @@ class UNet(nn.Module):
             return self.mask_head(mask.float()), torch.sigmoid(self.depth_head(depth.float()))
 
 
+def flip_averaged(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """model(x) averaged with the model's output for the mirrored input, mirrored back (test-time
+    mirroring, as nnU-Net predicts by default): two forward passes, the errors of each half cancelling."""
+    logits, depth = model(x)
+    mirrored_logits, mirrored_depth = model(x.flip(-1))
+    return (logits + mirrored_logits.flip(-1)) / 2, (depth + mirrored_depth.flip(-1)) / 2
+
+
 @functools.cache
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: a fresh host-to-GPU copy every step would stall the CUDA stream.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, to_input, total_loss
+from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, flip_averaged, to_input, total_loss
 from model.losses import edge_bce, gradient_loss, lovasz_hinge, ssim_loss
 
 
@@ -171,3 +171,18 @@ def test_without_task_heads_the_weights_have_the_names_older_checkpoints_have():
     assert {"mask_head.weight", "mask_head.bias", "depth_head.weight", "depth_head.bias"} <= names
     assert not any(name.startswith(("mask_features", "depth_features")) for name in names)
     assert UNetConfig.from_dict({"width": 4}) == UNetConfig(width=4, task_heads=False)
+
+
+def test_flip_averaging_is_the_mean_of_the_two_mirrored_predictions_and_mirrors_with_its_input():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4)).eval()
+    x = torch.randn(1, 6, 32, 32)
+    with torch.no_grad():
+        logits, depth = flip_averaged(model, x)
+        mirrored_logits, mirrored_depth = flip_averaged(model, x.flip(-1))
+        plain_logits, plain_depth = model(x)
+        flipped_logits, _ = model(x.flip(-1))
+    torch.testing.assert_close(mirrored_logits, logits.flip(-1))
+    torch.testing.assert_close(mirrored_depth, depth.flip(-1))
+    torch.testing.assert_close(logits, (plain_logits + flipped_logits.flip(-1)) / 2)
+    assert not torch.allclose(logits, plain_logits)  # a random network is not symmetric by itself

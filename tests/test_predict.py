@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import predict
 from faults import overwrite
 import train
 from helpers import CPU, ROOT, copy_backgrounds
+from model import UNet, UNetConfig
 from pipeline import schema
 from pipeline.decode import BadSample, check
 from pipeline.shardreader import read_samples
@@ -229,3 +231,23 @@ def test_a_compact_shard_takes_its_backgrounds_from_beside_it_a_damaged_one_cost
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(set(keys) - lost)
     skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict.py: skipped")]
     assert len(skipped) == len(lost) and all(f"background {damaged}: does not decode" in line for line in skipped)
+
+
+def test_flip_average_predicts_the_mirror_image_of_a_mirrored_pair():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(width=4)).eval()
+    torch.nn.init.zeros_(model.mask_head.bias)  # a mask of both values, not the prior's empty one
+    with torch.no_grad():
+        model.depth_head.weight.mul_(20)  # depth over the whole range, not all near 0.5
+    bg, bgfg = torch.randint(0, 256, (2, 3, 40, 96), dtype=torch.uint8)
+
+    def asymmetry(flip_average: bool) -> tuple[int, float]:
+        (mask, depth), (mirrored_mask, mirrored_depth) = (
+            predict.predict(model, b, f, 64, torch.device("cpu"), flip_average=flip_average)
+            for b, f in ((bg, bgfg), (bg.flip(-1), bgfg.flip(-1))))
+        return (np.abs(depth.astype(int) - mirrored_depth[:, ::-1]).max(), (mask != mirrored_mask[:, ::-1]).mean())
+
+    depth_error, mask_error = asymmetry(flip_average=True)
+    assert depth_error <= 1 and mask_error < 0.005  # rounding to 8 bits; logits at 0 either way
+    depth_error, mask_error = asymmetry(flip_average=False)
+    assert depth_error > 1 and mask_error > 0.005  # the network alone is not mirror-symmetric

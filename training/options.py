@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out", default="runs/latest", help="run folder (checkpoints, metrics, previews)")
     output.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     output.add_argument("--val-every", type=POSITIVE_INT, default=1000, help="validate every N steps (and at the end)")
+    output.add_argument("--flip-average", action="store_true",
+                        help="validate on predictions averaged with those of the mirrored input "
+                        "(test-time mirroring; twice the validation's cost)")
     output.add_argument("--save-every", type=POSITIVE_INT, default=1000, help="write OUT/last.pt every N steps")
     output.add_argument("--log-every", type=POSITIVE_INT, default=20, help="metrics.jsonl line every N steps")
     output.add_argument("--previews", type=COUNT, default=4, help="validation samples per preview PNG")

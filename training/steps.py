@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from model import LossWeights, SegDepthMetrics, to_input, total_loss
+from model import LossWeights, SegDepthMetrics, flip_averaged, to_input, total_loss
 
 from .distributed import all_sum
 
@@ -107,11 +107,12 @@ def train_step(forward, optimizer, scaler, x, mask, depth, *, weights: LossWeigh
 
 @torch.no_grad()
 def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
-             weights: LossWeights = LossWeights(), previews: int = 0, also=None):
+             weights: LossWeights = LossWeights(), previews: int = 0, also=None, flip_average: bool = False):
     """Score `model` on `batches` (this rank's share of a validation pass, e.g.
     Pipeline.epoch(0) of the val shards; sums all-reduced across ranks). `also`: an object
     whose update(batch, mask, depth) sees each batch and its float targets too
-    (training.baselines.Scorer), so that it needs no pass of its own.
+    (training.baselines.Scorer), so that it needs no pass of its own. `flip_average`: score
+    model.flip_averaged's predictions.
 
     Returns (metrics dict with loss, iou, dice, rmse, abs_rel, delta1, ssi_rmse, samples; preview
     tensors (bg, bgfg, mask, logits, depth, predicted depth) of this rank's first samples or None).
@@ -125,7 +126,7 @@ def evaluate(model, batches, device, *, amp_dtype=None, channels_last=False,
             continue
         x, mask, depth = prepare_batch(batch, device, channels_last)
         with autocast(device, amp_dtype):
-            logits, depth_pred = model(x)
+            logits, depth_pred = flip_averaged(model, x) if flip_average else model(x)
         loss, _ = total_loss(logits, depth_pred, mask, depth, weights)
         size = x.shape[0]
         loss_sum, count = loss_sum + loss.detach().double() * size, count + size  # no sync per batch
