@@ -9,8 +9,8 @@ sampling grid per sample crops, resizes and flips bg, bgfg and depth (bilinear) 
 (nearest, so it stays 0/1; or bilinear on request, so an outline pixel covered in part gets
 that fraction, as the images' pixels do, not 0 or 1 from half a pixel away), and bg and bgfg
 get the same photometric jitter, computed from the bg's statistics for both, so their
-difference still shows only the pasted object. Per-pixel
-work in a worker cost three times the JPEG decode; on the training device it is free.
+difference still shows only the pasted object. Per-pixel work in a worker cost three times
+the JPEG decode; on the training device it is free.
 """
 
 import math

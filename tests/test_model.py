@@ -180,7 +180,7 @@ def test_flip_averaging_is_the_mean_of_the_two_mirrored_predictions_and_mirrors_
     with torch.no_grad():
         logits, depth = flip_averaged(model, x)
         mirrored_logits, mirrored_depth = flip_averaged(model, x.flip(-1))
-        plain_logits, plain_depth = model(x)
+        plain_logits, _ = model(x)
         flipped_logits, _ = model(x.flip(-1))
     torch.testing.assert_close(mirrored_logits, logits.flip(-1))
     torch.testing.assert_close(mirrored_depth, depth.flip(-1))
