@@ -15,7 +15,7 @@ The data path, stage by stage: what the stream is after each, and where it runs.
   main process, once   Pipeline(urls)         shard URLs -> ShardInfo per shard (size, index),
                                               shared batch buffers (batchmemory.BatchBuffers)
   main process, a pass Pipeline.start_pass    -> a passes.Pass; a new pass bumps the workers'
-                                              generation (workers.PassControl), a resumed or
+                                              generation (passcontrol.PassControl), a resumed or
                                               chained one goes on with what they are making
   worker, per pass     EpochSource            (epoch, start batch) -> this worker's Share of the
                                               epoch's plan (plan.plan_epoch; a continued epoch's:

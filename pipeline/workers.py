@@ -30,77 +30,16 @@ from pipeline import heartbeat
 from pipeline.batchmemory import BatchBuffers, Layout
 from pipeline.errors import PipelineError
 from pipeline.heartbeat import Death, WorkersDied
+from pipeline.passcontrol import PassControl
 
-# PassControl's shared integers.
-_GENERATION, _CLOSING, _EPOCH, _START_BATCH, _CHAIN = range(5)
 PREFETCH = 2  # batches each worker may have made ahead of the main process
 # Batch buffers each worker needs to write every batch into one (pipeline.batchmemory): those
 # it made ahead, the one it is making, and three the main process still holds (one put aside
 # by the reordering, the training step's batch and the one before it, which lives until the
 # loop's variable moves on). Fewer, and a worker falls back to fresh memory, slower.
 BUFFERS_PER_WORKER = PREFETCH + 1 + 3
-_PARENT_CHECK_SECONDS = 1.0
 POLL_SECONDS = 1.0  # how long the main process waits for a record before it looks at the workers
 _TIMED_OUT = "DataLoader timed out"  # how torch's RuntimeError for a wait past its timeout begins
-
-
-class PassControl:
-    """The current pass (generation, epoch, start batch, chain), shared with the workers.
-
-    Nothing the main process does here can wait on a worker, so a worker killed at any point
-    (train.py SIGKILLs them on a stop signal, the OOM killer may) never blocks close() or the
-    next start(): the values sit behind a lock that a worker holds only for the four reads of
-    current(), and a waiting worker is woken through a doorbell of its own, a semaphore that
-    the main process only ever releases. (A multiprocessing.Condition would not do: its
-    notify_all() waits for every sleeper to acknowledge, forever for one that was killed.)
-    """
-
-    def __init__(self, context, workers: int):
-        self._values = context.RawArray("q", 5)
-        self._lock = context.Lock()
-        self._doorbells = [context.Semaphore(0) for _ in range(workers)]
-        self._parent = os.getpid()
-
-    @property
-    def generation(self) -> int:
-        return self._values[_GENERATION]  # an aligned machine word: read without the lock
-
-    def start(self, epoch: int, start_batch: int, chain: bool) -> int:
-        """Announce a new pass; returns its generation."""
-        with self._lock:
-            self._values[_EPOCH], self._values[_START_BATCH], self._values[_CHAIN] = epoch, start_batch, chain
-            self._values[_GENERATION] += 1
-            generation = self._values[_GENERATION]
-        self._ring()
-        return generation
-
-    def close(self) -> None:
-        self._values[_CLOSING] = 1  # one word, read after the doorbell: no lock needed
-        self._ring()
-
-    @property
-    def closing(self) -> bool:
-        return bool(self._values[_CLOSING])
-
-    def _ring(self) -> None:
-        # A worker that was busy finds its bell rung at its next wait and looks again: harmless.
-        for doorbell in self._doorbells:
-            doorbell.release()
-
-    def current(self) -> tuple[int, int, int, bool]:
-        """(generation, epoch, start batch, chain), read together."""
-        with self._lock:
-            return (self._values[_GENERATION], self._values[_EPOCH], self._values[_START_BATCH],
-                    bool(self._values[_CHAIN]))
-
-    def wait_for_new_pass(self, worker: int, generation: int) -> bool:
-        """Block worker `worker` until a pass after `generation` starts (True) or the pool
-        closes (False)."""
-        while not self._values[_CLOSING] and self._values[_GENERATION] == generation:
-            self._doorbells[worker].acquire(timeout=_PARENT_CHECK_SECONDS)
-            if os.getppid() != self._parent:
-                return False  # the main process died: end this worker, as DataLoader's watchdog would
-        return not self._values[_CLOSING]
 
 
 class _WorkerSource:
