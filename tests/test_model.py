@@ -1,10 +1,14 @@
 """The network's shapes and size limits, the loss terms and the metric accumulators."""
 
+import importlib.util
+
 import pytest
 import torch
 
+from helpers import ROOT
 from model import LossWeights, SegDepthMetrics, UNet, UNetConfig, count_parameters, flip_averaged, to_input, total_loss
 from model.losses import edge_bce, gradient_loss, lovasz_hinge, ssim_loss
+from training.options import parse_args
 
 
 def test_default_model_is_no_larger_than_the_original():
@@ -186,3 +190,13 @@ def test_flip_averaging_is_the_mean_of_the_two_mirrored_predictions_and_mirrors_
     torch.testing.assert_close(mirrored_depth, depth.flip(-1))
     torch.testing.assert_close(logits, (plain_logits + flipped_logits.flip(-1)) / 2)
     assert not torch.allclose(logits, plain_logits)  # a random network is not symmetric by itself
+
+
+def test_every_option_of_bench_qualitys_recipe_is_one_train_py_takes_and_changes_its_default():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    plain = vars(parse_args(["--shards", "s"]))
+    recipe = vars(parse_args(["--shards", "s", *quality.RECIPE]))
+    changed = {name for name in plain if recipe[name] != plain[name]}
+    assert len(changed) == sum(token.startswith("--") for token in quality.RECIPE)  # none unknown, none a no-op
